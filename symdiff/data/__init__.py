@@ -1,0 +1,1 @@
+"""Molecule data: raw public formats -> sharded HDF5 -> a streaming, distributed, resumable loader."""

@@ -1,0 +1,30 @@
+"""Test-wide settings. TRITON_INTERPRET must be set before anything imports triton (STACK.md §2)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(REPO / ".cache" / "inductor"))
+os.environ.setdefault("TRITON_CACHE_DIR", str(REPO / ".cache" / "triton"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+SHARED = Path(os.environ.get("SYMDIFF_SHARED", REPO.parent / "shared"))
+SHARED_DATA = SHARED / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The full real data beside the checkout (../shared/data); tests that need it skip, saying so, without it."""
+    if not (SHARED_DATA / "qm9" / "qm9.npz").is_file():
+        pytest.skip(f"full real data not found at {SHARED_DATA} (set SYMDIFF_SHARED)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
