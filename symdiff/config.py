@@ -30,9 +30,10 @@ class DataConfig:
     train_split: str = "train"
     val_split: str = "valid"
     test_split: str = "test"
-    # Molecules per batch (per process); used when max_atoms_per_batch == 0.
+    # GLOBAL molecules per optimiser step (all processes together; each rank gets its share), used when
+    # max_atoms_per_batch == 0. Global semantics keep the data order identical whatever the world size.
     batch_size: int = 64
-    # Token budget: maximum real atoms per batch (per process). 0 = fixed molecule count.
+    # Token budget: maximum real atoms per GLOBAL batch. 0 = fixed molecule count.
     max_atoms_per_batch: int = 0
     # Size buckets used with the token budget (molecules of similar atom count batched together).
     n_buckets: int = 8
