@@ -1,0 +1,134 @@
+"""Molecule file round trips and the errors bad files must give."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from symdiff.data.molecules import MoleculeSet
+from symdiff.errors import DataError
+from symdiff.io.molfiles import read_molecules, read_records, write_npz, write_sdf, write_xyz
+
+# glycine zwitterion, ethanol (atoms roughly placed; exact geometry is irrelevant for I/O)
+GLY_Z = [7, 6, 6, 8, 8, 1, 1, 1, 1, 1]
+GLY_Q = [1, 0, 0, 0, -1, 0, 0, 0, 0, 0]
+
+
+def _mols() -> MoleculeSet:
+    rng = np.random.default_rng(0)
+    zs = [np.array(GLY_Z), np.array([6, 6, 8, 1, 1, 1, 1, 1, 1]), np.array([35, 6, 1, 1, 1])]
+    xs = [rng.normal(size=(len(z), 3)) * 2 for z in zs]
+    qs = [np.array(GLY_Q), np.zeros(9, int), np.zeros(5, int)]
+    return MoleculeSet.from_lists(zs, xs, ids=[11, 22, 33], charges=qs)
+
+
+@pytest.mark.parametrize("ext", ["sdf", "xyz", "npz"])
+def test_round_trip(tmp_path, ext):
+    mols = _mols()
+    path = tmp_path / f"m.{ext}"
+    {"sdf": write_sdf, "xyz": write_xyz, "npz": write_npz}[ext](path, mols)
+    back = read_molecules(path)
+    assert len(back) == 3
+    np.testing.assert_array_equal(back.offsets, mols.offsets)
+    np.testing.assert_array_equal(back.atomic_numbers, mols.atomic_numbers)
+    np.testing.assert_array_equal(back.mol_ids, [11, 22, 33])
+    tol = 1e-4 if ext == "sdf" else 1e-6
+    np.testing.assert_allclose(back.positions, mols.positions, atol=tol)
+    np.testing.assert_array_equal(back.formal_charges, mols.formal_charges)
+    # the writer leaves no temp files behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"m.{ext}"]
+
+
+def test_sdf_with_bonds_and_rdkit_agrees(tmp_path):
+    from rdkit import Chem
+
+    mols = _mols().select(np.array([0]))
+    bonds = [np.array([[0, 1, 1], [1, 2, 1], [2, 3, 2], [2, 4, 1], [0, 5, 1], [0, 6, 1], [0, 7, 1], [1, 8, 1],
+                       [1, 9, 1]])]
+    path = tmp_path / "gly.sdf"
+    write_sdf(path, mols, bonds=bonds)
+    rec = read_records(path)
+    np.testing.assert_array_equal(rec.bonds[0], bonds[0])
+    # RDKit reads our file as the glycine zwitterion
+    m = next(iter(Chem.SDMolSupplier(str(path), removeHs=False)))
+    assert Chem.MolToSmiles(Chem.RemoveHs(m)) == "[NH3+]CC(=O)[O-]"
+
+
+def test_read_rdkit_written_sdf(tmp_path):
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    m = Chem.AddHs(Chem.MolFromSmiles("c1ccccc1O"))
+    AllChem.EmbedMolecule(m, randomSeed=1)
+    path = tmp_path / "phenol.sdf"
+    w = Chem.SDWriter(str(path))
+    w.write(m)
+    w.write(m)
+    w.close()
+    rec = read_records(path)
+    assert len(rec.mols) == 2 and rec.mols.n_atoms.tolist() == [13, 13]
+    assert len(rec.bonds[0]) == 13
+    np.testing.assert_allclose(rec.mols.positions[:13], m.GetConformer().GetPositions(), atol=1e-4)
+
+
+def test_nan_coordinates_are_kept(tmp_path):
+    mols = _mols()
+    mols.positions[3, 1] = np.nan
+    for ext, writer in (("sdf", write_sdf), ("xyz", write_xyz), ("npz", write_npz)):
+        writer(tmp_path / f"n.{ext}", mols)
+        back = read_molecules(tmp_path / f"n.{ext}")
+        assert np.isnan(back.positions[3, 1]) and np.isfinite(np.delete(back.positions, 3, axis=0)).all()
+
+
+def test_empty_file_is_a_clear_error(tmp_path):
+    for ext in ("sdf", "xyz"):
+        p = tmp_path / f"empty.{ext}"
+        p.write_text("\n")
+        with pytest.raises(DataError, match="empty"):
+            read_molecules(p)
+
+
+def test_truncated_sdf_names_record(tmp_path):
+    p = tmp_path / "t.sdf"
+    write_sdf(p, _mols())
+    text = p.read_text().splitlines()
+    p.write_text("\n".join(text[:-8]) + "\n")  # cut into the third record's atom block
+    with pytest.raises(DataError, match=r"record 3 .*truncated"):
+        read_molecules(p)
+
+
+def test_unknown_element_names_line(tmp_path):
+    p = tmp_path / "u.xyz"
+    p.write_text("2\nmol_id=1\nC 0 0 0\nXq 1.5 0 0\n")
+    with pytest.raises(DataError, match=r"u.xyz: molecule 1, line 4: atom 2: 'Xq' is not an element"):
+        read_molecules(p)
+
+
+def test_truncated_xyz(tmp_path):
+    p = tmp_path / "t.xyz"
+    p.write_text("3\n\nC 0 0 0\nH 1 0 0\n")
+    with pytest.raises(DataError, match="truncated"):
+        read_molecules(p)
+
+
+def test_failed_write_keeps_old_file(tmp_path):
+    from symdiff.io.molfiles import _atomic_write_bytes
+
+    p = tmp_path / "keep.sdf"
+    write_sdf(p, _mols())
+    before = p.read_bytes()
+
+    def dies_halfway(fh):
+        fh.write(b"half a file")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        _atomic_write_bytes(p, dies_halfway)
+    assert p.read_bytes() == before
+    assert [q.name for q in tmp_path.iterdir()] == ["keep.sdf"]
+
+
+def test_npz_rejects_foreign_file(tmp_path):
+    p = tmp_path / "x.npz"
+    np.savez(p, a=np.arange(3))
+    with pytest.raises(DataError, match="not a symdiff sample file"):
+        read_molecules(p)
