@@ -61,6 +61,9 @@ class ModelConfig:
     gamma_mlp_ratio: float = 4.0
     gamma_dec_hidden: int = 64  # m'
     gamma_noise_dims: int = 3
+    # Final adaLN-modulated LayerNorm on gamma's DiT features before pooling (uses the official class's otherwise
+    # idle final-layer parameters, so parameter counts match SPEC §3.5). False pools the raw residual stream.
+    gamma_final_norm: bool = True
     # Which implementation of the geometric ops: auto (Triton on CUDA) | triton | torch
     kernel_backend: str = "auto"
 

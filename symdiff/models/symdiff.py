@@ -1,0 +1,393 @@
+"""SymDiffModel: the eps-network, the O(3) kernel gamma, the Gaussian embedding and the diffusion in one module.
+
+One code path for the four variants of ``model.kind`` (SPEC §3.7):
+
+* ``dit``          eps_hat = eps'(z): no symmetry at all;
+* ``dit_aug``      as ``dit``, but training rotates each molecule by a Haar-random g in O(3) first;
+* ``symdiff_haar`` eps_hat = R eps'(R^T z) with R ~ Haar(O(3)) at every call (training, NLL, sampling);
+* ``symdiff``      the same with R = R0 Qf from the learned gamma_theta (paper §3, SPEC §2.7).
+
+Conventions: positions are rows [B, N, 3] with a boolean mask [B, N]; a rotation acts as x_i -> R x_i, i.e.
+``X @ R.T``. The diffusion runs on normalised features z = [x, onehot/4, Z/10] (SPEC §1.3).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from symdiff import kernels
+from symdiff.data.elements import alphabet as get_alphabet
+from symdiff.diffusion import edm
+from symdiff.diffusion.schedule import NoiseSchedule
+from symdiff.errors import DataError
+from symdiff.models.dit import DiT, Packing
+from symdiff.models.embedding import GaussianEmbedding
+from symdiff.models.gamma import GammaNet, haar_o3
+
+log = logging.getLogger(__name__)
+
+KINDS = ("dit", "dit_aug", "symdiff_haar", "symdiff")
+
+# Training-split atom-count histograms of SPEC §1.4 / Appendix A: the default p(N) until a run sets its own.
+QM9_N_HIST = {3: 1, 4: 4, 5: 5, 6: 9, 7: 16, 8: 49, 9: 124, 10: 362, 11: 807, 12: 1689, 13: 3060, 14: 5136,
+              15: 7796, 16: 10644, 17: 13025, 18: 13364, 19: 13832, 20: 9482, 21: 9970, 22: 3393, 23: 4848,
+              24: 539, 25: 1506, 26: 48, 27: 266, 29: 25}
+QM9_NOH_N_HIST = {1: 2, 2: 5, 3: 7, 4: 25, 5: 91, 6: 475, 7: 2404, 8: 13625, 9: 83366}
+GEOM_N_HIST_TEXT = (
+    "3:1 4:3 5:9 6:2 7:8 8:23 9:23 10:50 11:109 12:168 13:280 14:402 15:583 16:597 17:949 18:1284 19:1862 "
+    "20:2674 21:3599 22:6109 23:8693 24:13604 25:17419 26:25672 27:31647 28:43809 29:56697 30:70400 31:82655 "
+    "32:104100 33:122776 34:140834 35:164888 36:185451 37:194541 38:218549 39:231232 40:243300 41:253349 "
+    "42:268341 43:272081 44:276917 45:276839 46:274747 47:272126 48:262709 49:250157 50:244781 51:228898 "
+    "52:215338 53:203728 54:191697 55:180518 56:163843 57:152055 58:136536 59:120393 60:107292 61:94635 "
+    "62:83179 63:68384 64:61517 65:48867 66:37685 67:32859 68:27367 69:20981 70:18699 71:14791 72:11921 "
+    "73:9933 74:9037 75:6538 76:6374 77:4036 78:4189 79:3842 80:3277 81:2925 82:1843 83:2060 84:1394 85:1514 "
+    "86:1357 87:1346 88:999 89:300 90:390 91:510 92:510 93:240 94:721 95:360 96:360 97:390 98:330 99:540 "
+    "100:258 101:210 102:60 103:180 104:206 105:60 106:390 107:180 108:180 109:150 110:120 111:360 112:120 "
+    "113:210 114:60 115:30 116:210 117:270 118:450 119:240 120:228 121:120 122:30 123:420 124:240 125:210 "
+    "126:158 127:180 128:60 129:30 130:120 131:30 132:120 133:60 134:240 135:169 136:240 137:30 138:270 "
+    "139:180 140:270 141:150 142:60 143:60 144:240 145:180 146:150 147:150 148:90 149:90 151:30 152:60 155:90 "
+    "159:30 160:60 165:30 171:30 175:30 176:60 181:30")
+GEOM_N_HIST = {int(a): int(b) for a, b in (p.split(":") for p in GEOM_N_HIST_TEXT.split())}
+
+
+def default_n_hist(dataset: str, remove_h: bool = False) -> dict[int, int]:
+    if dataset == "qm9":
+        return QM9_NOH_N_HIST if remove_h else QM9_N_HIST
+    if dataset == "geom":
+        return GEOM_N_HIST
+    raise ValueError(f"no default atom-count histogram for dataset '{dataset}'")
+
+
+class EpsNet(nn.Module):
+    """eps'_theta (SPEC §3.2): tokens [W_I [x, h], Psi] -> DiT -> 3 + d channels."""
+
+    def __init__(self, in_features: int, xh_hidden: int, hidden: int, depth: int, num_heads: int,
+                 mlp_ratio: float) -> None:
+        super().__init__()
+        self.inp = nn.Linear(in_features, xh_hidden)
+        self.dit = DiT(hidden, depth, num_heads, mlp_ratio, out_channels=in_features)
+
+    def forward(self, xh: torch.Tensor, psi: torch.Tensor, t: torch.Tensor, pk: Packing) -> torch.Tensor:
+        tokens = torch.cat([self.inp(pk.pack(xh)), psi], dim=-1)
+        return self.dit(tokens, t, pk)
+
+
+class SymDiffModel(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        mc, dc = cfg.model, cfg.diffusion
+        if mc.kind not in KINDS:
+            raise ValueError(f"model.kind '{mc.kind}' is not one of {', '.join(KINDS)}")
+        self.kind = str(mc.kind)
+        self.backend = str(mc.kernel_backend)
+        self.alphabet = get_alphabet(cfg.data.dataset)
+        self.include_charges = bool(cfg.data.include_charges)
+        self.num_classes = self.alphabet.num_classes
+        self.d = self.num_classes + (1 if self.include_charges else 0)
+        nf = list(dc.normalize_factors)
+        self.norm_x, self.norm_cat, self.norm_int = float(nf[0]), float(nf[1]), float(nf[2])
+        if dc.parameterization != "eps":
+            raise ValueError(f"diffusion.parameterization '{dc.parameterization}' is not implemented (only 'eps')")
+        n_emb = int(mc.hidden_size) - int(mc.xh_hidden_size)
+        if n_emb <= 0:
+            raise ValueError(f"model.hidden_size ({mc.hidden_size}) must exceed model.xh_hidden_size "
+                             f"({mc.xh_hidden_size}): the rest is the distance embedding")
+        self.embedding = GaussianEmbedding(int(mc.num_gaussians), n_emb, backend=self.backend)
+        self.eps_net = EpsNet(3 + self.d, int(mc.xh_hidden_size), int(mc.hidden_size), int(mc.depth),
+                              int(mc.num_heads), float(mc.mlp_ratio))
+        self.gamma_net: Optional[GammaNet] = None
+        if self.kind == "symdiff":
+            self.gamma_net = GammaNet(n_emb, int(mc.gamma_hidden_size), int(mc.gamma_depth),
+                                      int(mc.gamma_num_heads), float(mc.gamma_mlp_ratio), int(mc.gamma_dec_hidden),
+                                      int(mc.gamma_noise_dims), bool(getattr(mc, "gamma_final_norm", True)),
+                                      backend=self.backend)
+        self.schedule = NoiseSchedule(int(dc.timesteps), str(dc.schedule), float(dc.precision))
+        # Map Z -> class index on device; -1 marks elements outside the alphabet.
+        lut = torch.full((128,), -1, dtype=torch.long)
+        lut[list(self.alphabet.atomic_numbers)] = torch.arange(self.num_classes)
+        self.register_buffer("z_to_class", lut, persistent=False)
+        self.register_buffer("class_to_z", torch.tensor(self.alphabet.atomic_numbers, dtype=torch.long),
+                             persistent=False)
+        max_n = max(self.alphabet.max_atoms, max(default_n_hist(cfg.data.dataset, bool(cfg.data.remove_h))))
+        # p(N) travels with the weights (persistent buffer) so a checkpoint alone can sample and score.
+        self.register_buffer("n_atoms_hist", torch.zeros(max_n + 1, dtype=torch.float64))
+        self.set_n_atoms_histogram(default_n_hist(cfg.data.dataset, bool(cfg.data.remove_h)))
+
+    # ------------------------------------------------------------------ sizes and p(N)
+    @property
+    def timesteps(self) -> int:
+        return self.schedule.timesteps
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.mu.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.mu.device
+
+    def set_n_atoms_histogram(self, counts: dict[int, int] | np.ndarray | torch.Tensor) -> None:
+        """Set p(N) (used to draw sizes at sampling and for -log p(N) in the NLL) from atom-count counts."""
+        if isinstance(counts, dict):
+            arr = torch.zeros(max(max(counts) + 1, self.n_atoms_hist.numel()), dtype=torch.float64)
+            for n, c in counts.items():
+                arr[int(n)] = float(c)
+        else:
+            arr = torch.as_tensor(np.asarray(counts), dtype=torch.float64).flatten()
+        if arr.sum() <= 0 or (arr < 0).any():
+            raise ValueError("atom-count histogram must be non-negative with a positive total")
+        if arr.numel() != self.n_atoms_hist.numel():
+            # Resize in place of the buffer; keeps the registered name so state dicts stay compatible.
+            self.n_atoms_hist = arr.to(self.n_atoms_hist.device)
+        else:
+            self.n_atoms_hist.copy_(arr)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        key = prefix + "n_atoms_hist"
+        if key in state_dict and state_dict[key].shape != self.n_atoms_hist.shape:
+            self.n_atoms_hist = torch.zeros_like(state_dict[key], device=self.n_atoms_hist.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def log_p_n_atoms(self, n_atoms: torch.Tensor) -> torch.Tensor:
+        p = self.n_atoms_hist / self.n_atoms_hist.sum()
+        n = n_atoms.long().clamp(0, p.numel() - 1)
+        lp = torch.log(p[n] + 1e-30)
+        return torch.where(n_atoms.long() < p.numel(), lp, torch.full_like(lp, math.log(1e-30)))
+
+    def sample_n_atoms(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        p = (self.n_atoms_hist / self.n_atoms_hist.sum()).cpu()
+        return torch.multinomial(p, n, replacement=True, generator=generator)
+
+    # ------------------------------------------------------------------ features
+    def features(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                             Optional[torch.Tensor]]:
+        """Batch -> (x centred [B,N,3], h normalised [B,N,d], mask, one-hot [B,N,C], integer feature or None)."""
+        dtype, device = self.dtype, self.device
+        mask = batch.mask.to(device).bool()
+        Z = batch.atomic_numbers.to(device).long()
+        cls = self.z_to_class[Z.clamp(0, 127)]
+        bad = mask & ((cls < 0) | (Z > 127))
+        if bool(bad.any()):
+            b = int(bad.any(1).nonzero()[0, 0])
+            mol = int(batch.mol_ids[b]) if getattr(batch, "mol_ids", None) is not None else b
+            z_bad = int(Z[b][bad[b]][0])
+            raise DataError(f"molecule {mol}: element Z={z_bad} is not in the {self.alphabet.name} alphabet "
+                            f"{list(self.alphabet.atomic_numbers)}")
+        m = mask.to(dtype).unsqueeze(-1)
+        onehot = torch.nn.functional.one_hot(cls.clamp_min(0), self.num_classes).to(dtype) * m
+        x = edm.remove_mean(batch.positions.to(device=device, dtype=dtype), mask, self.backend) / self.norm_x
+        parts = [onehot / self.norm_cat]
+        integer = None
+        if self.include_charges:
+            integer = Z.to(dtype).unsqueeze(-1) * m
+            parts.append(integer / self.norm_int)
+        return x, torch.cat(parts, dim=-1), mask, onehot, integer
+
+    # ------------------------------------------------------------------ gamma and the symmetrised denoiser
+    def haar(self, batch: int) -> torch.Tensor:
+        return haar_o3(batch, dtype=self.dtype, device=self.device, backend=self.backend)
+
+    def gamma(self, x: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, R0: Optional[torch.Tensor] = None,
+              eta: Optional[torch.Tensor] = None, _psi: Optional[torch.Tensor] = None,
+              _pk: Optional[Packing] = None) -> Optional[torch.Tensor]:
+        """Draw R ~ gamma(. | x, t): [B, 3, 3] in O(3), or None for the unsymmetrised kinds (dit, dit_aug).
+
+        x: [B, N, 3] positions (centred here), t: [B] in [0, 1]. ``R0`` (Haar) and ``eta`` ([B, N, noise_dims])
+        are drawn when not given; fixing them makes the draw a deterministic, equivariant function of x.
+        """
+        if self.kind in ("dit", "dit_aug"):
+            return None
+        B = x.shape[0]
+        if R0 is None:
+            R0 = self.haar(B)
+        if self.kind == "symdiff_haar":
+            return R0
+        assert self.gamma_net is not None
+        mask = mask.bool()
+        x = edm.remove_mean(x, mask, self.backend)
+        pk = _pk if _pk is not None else Packing.from_mask(mask)
+        psi = _psi if _psi is not None else self.embedding(x, mask)
+        if eta is None:
+            eta = torch.randn(B, x.shape[1], self.gamma_net.noise_dims, dtype=x.dtype, device=x.device)
+        eta = eta * mask.to(x.dtype).unsqueeze(-1)
+        return self.gamma_net(x, psi, _as_time(t, B, x), pk, R0.to(x.dtype), eta)
+
+    def denoise(self, z: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, R: Optional[torch.Tensor] = None,
+                R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The symmetrised eps_hat(z_t, t) = [R pi(eps'_x(R^T x, h)), eps'_h(R^T x, h)] (SPEC §2.7).
+
+        z: [B, N, 3 + d] normalised state, t: [B] (or scalar) in [0, 1]. R is drawn from gamma unless given
+        (pass R=None with R0/eta to fix gamma's randomness instead). Unsymmetrised kinds use R = identity.
+        """
+        mask = mask.bool()
+        B = z.shape[0]
+        m = mask.to(z.dtype).unsqueeze(-1)
+        z = z * m
+        t = _as_time(t, B, z)
+        x = edm.remove_mean(z[..., :3], mask, self.backend)
+        pk = Packing.from_mask(mask)
+        # Psi is rotation-invariant: computed once from the unrotated x and shared by gamma and eps'.
+        psi = self.embedding(x, mask)
+        if R is None:
+            R = self.gamma(x, mask, t, R0=R0, eta=eta, _psi=psi, _pk=pk)
+        x_in = x if R is None else kernels.com_project_rotate(x, mask, R.to(z.dtype), backend=self.backend,
+                                                              transpose=True)
+        out = pk.unpack(self.eps_net(torch.cat([x_in, z[..., 3:]], dim=-1), psi, t, pk))
+        out_x = kernels.com_project_rotate(out[..., :3], mask, None if R is None else R.to(z.dtype),
+                                           backend=self.backend)
+        return torch.cat([out_x, out[..., 3:]], dim=-1) * m
+
+    # ------------------------------------------------------------------ training
+    def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.training_loss(batch)
+
+    def training_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Algorithm 1 with the EDM details of SPEC §2.3: l2 on eps, t ~ U{0..T}, divided by (3 + d) * N_pad.
+
+        Returns the mean over molecules (the only term with a gradient) and detached statistics.
+        """
+        x, h, mask, _, _ = self.features(batch)
+        B, N = mask.shape
+        if self.kind == "dit_aug":
+            g = self.haar(B)
+            x = x @ g.transpose(1, 2)
+        xh = torch.cat([x, h], dim=-1)
+        t_int = torch.randint(0, self.timesteps + 1, (B,), device=x.device)
+        gam = self.schedule.gamma(t_int)
+        alpha, sigma = edm._bcast(self.schedule.alpha(gam), xh), edm._bcast(self.schedule.sigma(gam), xh)
+        eps = edm.sample_noise(mask, self.d, xh.dtype, self.backend)
+        z_t = alpha * xh + sigma * eps
+        eps_hat = self.denoise(z_t, mask, t_int.to(xh.dtype) / self.timesteps)
+        err = (eps - eps_hat) ** 2
+        err_x = err[..., :3].sum((1, 2))
+        err_h = err[..., 3:].sum((1, 2))
+        denom = (3 + self.d) * N
+        # t = 0: only the x part is Gaussian; the h part is scored by the discrete likelihood (constant in theta).
+        per_mol = 0.5 * torch.where(t_int == 0, err_x, err_x + err_h) / denom
+        loss = per_mol.mean()
+        stats = {"loss": loss.detach(), "l2_x": (0.5 * err_x / denom).mean().detach(),
+                 "l2_h": (0.5 * err_h / denom).mean().detach(),
+                 "atoms_per_mol": mask.sum(1).to(xh.dtype).mean().detach(),
+                 "padding_fraction": 1.0 - mask.to(xh.dtype).mean().detach()}
+        return loss, stats
+
+    # ------------------------------------------------------------------ likelihood
+    def nll(self, batch: Any, t_int: Optional[torch.Tensor] = None, return_terms: bool = False
+            ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-molecule test NLL in nats: the paper's Jensen bound (SPEC §2.4), one gamma draw per term.
+
+        ``t_int`` ([B] in 1..T) fixes the diffusion term's time (for variance-reduced checks); by default it is
+        drawn uniformly. With ``return_terms`` also returns the components.
+        """
+        x, h, mask, onehot, integer = self.features(batch)
+        B = mask.shape[0]
+        T = self.timesteps
+        xh = torch.cat([x, h], dim=-1)
+        n = mask.sum(1)
+        kl = edm.kl_prior(xh, mask, self.schedule)
+        # (b) one diffusion term, weighted by T
+        if t_int is None:
+            t_int = torch.randint(1, T + 1, (B,), device=x.device)
+        t_int = t_int.to(x.device).long()
+        g_t, g_s = self.schedule.gamma(t_int), self.schedule.gamma(t_int - 1)
+        eps = edm.sample_noise(mask, self.d, xh.dtype, self.backend)
+        z_t = edm._bcast(self.schedule.alpha(g_t), xh) * xh + edm._bcast(self.schedule.sigma(g_t), xh) * eps
+        eps_hat = self.denoise(z_t, mask, t_int.to(xh.dtype) / T)
+        err = ((eps - eps_hat) ** 2).sum((1, 2))
+        diffusion = T * 0.5 * torch.expm1(g_t - g_s).to(xh.dtype) * err
+        # (c) reconstruction at t = 0 with fresh noise
+        t0 = torch.zeros(B, dtype=torch.long, device=x.device)
+        g0 = self.schedule.gamma(t0)
+        a0, s0 = self.schedule.alpha(g0), self.schedule.sigma(g0)
+        eps0 = edm.sample_noise(mask, self.d, xh.dtype, self.backend)
+        z0 = edm._bcast(a0, xh) * xh + edm._bcast(s0, xh) * eps0
+        eps0_hat = self.denoise(z0, mask, t0.to(xh.dtype))
+        dof_x = (n - 1).to(xh.dtype) * 3
+        x_const = dof_x * (0.5 * g0.to(xh.dtype) + 0.5 * math.log(2 * math.pi))
+        x_err = 0.5 * ((eps0[..., :3] - eps0_hat[..., :3]) ** 2).sum((1, 2))
+        log_ph = edm.log_p_h_given_z0(z0, onehot, integer, mask, s0, self.norm_cat, self.norm_int)
+        log_pn = self.log_p_n_atoms(n).to(xh.dtype)
+        # x is normalised by a factor; its log-volume change is -(N - 1) * 3 * log(norm_x) (0 for the default 1).
+        delta_log_px = -dof_x * math.log(self.norm_x)
+        total = kl + diffusion + x_const + x_err - log_ph - delta_log_px - log_pn
+        if return_terms:
+            return total, {"kl_prior": kl, "diffusion": diffusion, "x_const": x_const, "x_err": x_err,
+                           "log_p_h": log_ph, "log_p_n": log_pn}
+        return total
+
+    # ------------------------------------------------------------------ sampling
+    def reverse_step(self, z_t: torch.Tensor, mask: torch.Tensor, t_int: int | torch.Tensor,
+                     s_int: int | torch.Tensor, R: Optional[torch.Tensor] = None, R0: Optional[torch.Tensor] = None,
+                     eta: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One ancestral step z_t -> z_s (s < t) of Algorithm 2 with the squared sigma_{t|s} (SPEC §2.5).
+
+        ``noise`` ([B, N, 3 + d], CoM-free in x) and gamma's ``R``/``R0``/``eta`` may be fixed; otherwise drawn.
+        """
+        mask = mask.bool()
+        B = z_t.shape[0]
+        t_int = torch.as_tensor(t_int, device=z_t.device).long().expand(B)
+        s_int = torch.as_tensor(s_int, device=z_t.device).long().expand(B)
+        g_t, g_s = self.schedule.gamma(t_int), self.schedule.gamma(s_int)
+        sigma2_ts = self.schedule.sigma2_t_given_s(g_t, g_s)
+        alpha_ts = self.schedule.alpha_t_given_s(g_t, g_s)
+        sigma_t, sigma_s = self.schedule.sigma(g_t), self.schedule.sigma(g_s)
+        eps_hat = self.denoise(z_t, mask, t_int.to(z_t.dtype) / self.timesteps, R=R, R0=R0, eta=eta)
+        mu = z_t / edm._bcast(alpha_ts, z_t) - edm._bcast(sigma2_ts / (alpha_ts * sigma_t), z_t) * eps_hat
+        sigma_q = torch.sqrt(sigma2_ts) * sigma_s / sigma_t
+        if noise is None:
+            noise = edm.sample_noise(mask, self.d, z_t.dtype, self.backend)
+        z_s = mu + edm._bcast(sigma_q, z_t) * noise
+        x = edm.remove_mean(z_s[..., :3], mask, self.backend)
+        return torch.cat([x, z_s[..., 3:]], dim=-1) * mask.to(z_t.dtype).unsqueeze(-1)
+
+    def decode(self, z0: torch.Tensor, mask: torch.Tensor, R: Optional[torch.Tensor] = None,
+               R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None,
+               noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """p(x, h | z_0): positions from the denoised x-hat_0 plus sigma_0/alpha_0 noise; types from z_0 itself."""
+        mask = mask.bool()
+        B = z0.shape[0]
+        g0 = self.schedule.gamma(torch.zeros(B, dtype=torch.long, device=z0.device))
+        a0, s0 = self.schedule.alpha(g0), self.schedule.sigma(g0)
+        eps_hat = self.denoise(z0, mask, torch.zeros(B, dtype=z0.dtype, device=z0.device), R=R, R0=R0, eta=eta)
+        x_hat = (z0[..., :3] - edm._bcast(s0, z0) * eps_hat[..., :3]) / edm._bcast(a0, z0)
+        if noise is None:
+            noise = edm.sample_noise(mask, 0, z0.dtype, self.backend)
+        x = edm.remove_mean(x_hat + edm._bcast(s0 / a0, z0) * noise[..., :3], mask, self.backend)
+        # Slice exactly the categorical channels (SPEC §2.5: no lost last class).
+        cls = z0[..., 3:3 + self.num_classes].argmax(-1)
+        Z = torch.where(mask, self.class_to_z[cls], torch.zeros_like(cls))
+        return x * self.norm_x, Z
+
+    @torch.no_grad()
+    def sample(self, n_atoms: torch.Tensor, steps: Optional[int] = None, progress: Any = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ancestral sampling for molecules of the given sizes; ``steps`` < T strides the time grid.
+
+        Returns positions [B, N, 3] (Angstrom, centred), atomic numbers [B, N] (0 at padding) and the mask,
+        with N = max(n_atoms). ``progress`` (e.g. a tqdm bar) gets ``update(1)`` per network call.
+        """
+        n_atoms = torch.as_tensor(n_atoms, dtype=torch.long, device=self.device).flatten()
+        if n_atoms.numel() == 0 or int(n_atoms.min()) < 1:
+            raise ValueError("every molecule needs at least one atom")
+        N = int(n_atoms.max())
+        mask = torch.arange(N, device=self.device).unsqueeze(0) < n_atoms.unsqueeze(1)
+        z = edm.sample_noise(mask, self.d, self.dtype, self.backend)
+        times = edm.strided_times(self.timesteps, steps or self.timesteps)
+        for t, s in zip(times[:-1], times[1:]):
+            z = self.reverse_step(z, mask, t, s)
+            if progress is not None:
+                progress.update(1)
+        x, Z = self.decode(z, mask)
+        if progress is not None:
+            progress.update(1)
+        return x, Z, mask
+
+
+def _as_time(t: torch.Tensor | float, B: int, like: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    return t.expand(B) if t.dim() == 0 else t.to(like.dtype)
