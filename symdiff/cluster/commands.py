@@ -16,7 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job", choices=sorted(JOBS), default="train",
                    help="train (default; preemptible, requeues itself), sample (sample + evaluate), "
                         "data (MPI shard build), profile (kernel profiling)")
-    p.add_argument("--run-dir", help="run directory (default runs/<config name>); the job id is recorded here")
+    p.add_argument("--run-dir", help="run directory (default runs/<config name>, or runs/slurm-<job> without a "
+                                     "config); the job id, script and log go to RUN_DIR/slurm/")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs per node (default 8 for train, 1 for sample/profile, 0 for data); 0 = CPU job")
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         passthrough = list(args.rest)
     if args.config:
         cfg = load_config(args.config, overrides)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / (cfg.name if cfg is not None else args.job)
+    default_run = Path("runs") / (cfg.name if cfg is not None else f"slurm-{args.job}")
+    run_dir = Path(args.run_dir) if args.run_dir else default_run
     opts = SubmitOptions(
         job=args.job, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
         cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition, account=args.account,

@@ -190,8 +190,8 @@ def render(opts: SubmitOptions, cfg: Optional[DictConfig], run_dir: Path, workdi
     if cfg is not None:
         config_text = to_yaml(cfg)
         config_path = frozen_config_path(run_dir, config_text)
-    name_base = (cfg.name if cfg is not None else opts.job)
-    job_name = opts.job_name or re.sub(r"[^A-Za-z0-9_.-]", "_", f"symdiff-{opts.job}-{name_base}")
+    default_name = f"symdiff-{opts.job}-{cfg.name}" if cfg is not None else f"symdiff-{opts.job}"
+    job_name = opts.job_name or re.sub(r"[^A-Za-z0-9_.-]", "_", default_name)
     header = [f"#SBATCH {o}" for o in sbatch_options(opts, kind, run_dir, workdir, job_name)]
 
     env_file = None
