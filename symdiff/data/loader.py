@@ -1,0 +1,241 @@
+"""Streaming, distributed, resumable loader over HDF5 shards.
+
+How one epoch's order is made (it depends only on the seed, the epoch and the data, never on the world size):
+
+1. Each shard is cut into *chunks* of ``chunk_size`` consecutive molecules. The epoch shuffles the chunk order.
+2. Consecutive groups of ``window_chunks`` chunks form a *window*: the only molecules held in memory (plus a
+   few carried over). Molecules are shuffled inside the window.
+3. Global batches are cut from the window: a fixed molecule count (``batch_size``; the remainder of a window is
+   carried into the next, so every batch is full but the last), or, with ``max_atoms_per_batch``, a token budget:
+   the window is sorted by atom count into ``n_buckets`` buckets (each shuffled), and the bucket sequence is cut
+   greedily so a batch's real atoms stay within the budget; batch order is then shuffled inside the window.
+4. Every rank sees the same list of global batches and takes its share of each (every ``world_size``-th molecule).
+
+Because all of this is a pure function of (seed, epoch), resuming at global batch ``k`` replays exactly the same
+batches, and a run on 1 or 8 ranks consumes the same molecules per optimiser step.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import h5py
+import numpy as np
+
+from symdiff.data.batch import Batch, collate
+from symdiff.data.molecules import MoleculeSet
+from symdiff.data.shards import read_manifest, read_shard, split_entry
+from symdiff.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Window:
+    chunks: np.ndarray  # chunk ids to read
+    carry: np.ndarray  # global molecule indices carried in from the previous window
+    batches: list[np.ndarray]  # global molecule indices of each global batch
+
+
+class ShardLoader:
+    """Yields this rank's :class:`Batch` of each global batch of the epoch (see the module doc for the order)."""
+
+    def __init__(self, root: str | Path, split: str, *, batch_size: int, max_atoms_per_batch: int = 0,
+                 n_buckets: int = 8, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False, chunk_size: int = 256, window_chunks: int = 64) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} / world_size {world_size} is not a valid pair")
+        if max_atoms_per_batch <= 0 and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        self.root, self.split = Path(root), split
+        self.manifest = read_manifest(self.root)
+        entry = split_entry(self.manifest, split, self.root)
+        self.batch_size, self.max_atoms = int(batch_size), int(max_atoms_per_batch)
+        self.n_buckets, self.shuffle, self.seed = max(1, int(n_buckets)), bool(shuffle), int(seed)
+        self.rank, self.world_size, self.drop_last = int(rank), int(world_size), bool(drop_last)
+        self.chunk_size, self.window_chunks = max(1, int(chunk_size)), max(1, int(window_chunks))
+
+        self.shard_paths = [self.root / s["path"] for s in entry["shards"]]
+        sizes = []
+        for p, s in zip(self.shard_paths, entry["shards"]):
+            try:
+                with h5py.File(p, "r") as f:
+                    off = f["offsets"][:]
+            except (OSError, KeyError) as exc:
+                raise DataError(f"{p}: cannot read shard offsets: {exc}") from exc
+            if len(off) - 1 != s["n_molecules"]:
+                raise DataError(f"{p}: holds {len(off) - 1} molecules, manifest says {s['n_molecules']}")
+            sizes.append(np.diff(off).astype(np.int32))
+        self.sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
+        # chunk c = molecules [chunk_start[c], chunk_start[c] + chunk_len[c]) of shard chunk_shard[c]
+        starts, shard_of, local = [], [], []
+        base = 0
+        for k, sz in enumerate(sizes):
+            for a in range(0, len(sz), self.chunk_size):
+                starts.append(base + a)
+                shard_of.append(k)
+                local.append((a, min(a + self.chunk_size, len(sz))))
+            base += len(sz)
+        self.chunk_start = np.asarray(starts, dtype=np.int64)
+        self.chunk_shard = np.asarray(shard_of, dtype=np.int64)
+        self.chunk_local = np.asarray(local, dtype=np.int64).reshape(-1, 2)
+        self.epoch = 0
+        self._next_batch = 0  # global batch index inside the epoch
+        self._plan_cache: tuple[int, list[_Window]] | None = None
+        self.stats = {"batches": 0, "molecules": 0, "atoms": 0, "slots": 0}
+
+    # ------------------------------------------------------------------ planning (sizes only, no atom data)
+    def _plan(self, epoch: int) -> list[_Window]:
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        n_chunks = len(self.chunk_start)
+        order = rng.permutation(n_chunks) if self.shuffle else np.arange(n_chunks)
+        windows: list[_Window] = []
+        carry = np.zeros(0, dtype=np.int64)
+        for w0 in range(0, n_chunks, self.window_chunks):
+            chunks = order[w0:w0 + self.window_chunks]
+            mols = np.concatenate([np.arange(self.chunk_start[c], self.chunk_start[c] + np.diff(self.chunk_local[c])[0])
+                                   for c in chunks])
+            if self.shuffle:
+                mols = mols[rng.permutation(len(mols))]
+            last = w0 + self.window_chunks >= n_chunks
+            if self.max_atoms > 0:
+                batches = self._token_batches(mols, rng)
+                windows.append(_Window(chunks, np.zeros(0, np.int64), batches))
+            else:
+                stream = np.concatenate([carry, mols])
+                n_full = len(stream) // self.batch_size
+                batches = [stream[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n_full)]
+                rest = stream[n_full * self.batch_size:]
+                if last and len(rest) and not self.drop_last:
+                    batches.append(rest)
+                windows.append(_Window(chunks, carry, batches))
+                carry = rest
+        self._plan_cache = (epoch, windows)
+        return windows
+
+    def _token_batches(self, mols: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        # Buckets = size quantiles of the window, each in random order; batches are cut greedily along the
+        # bucket sequence, so a bucket's remainder fills up with the next (slightly larger) molecules instead
+        # of becoming a tiny batch: one short batch per window at most.
+        by_size = mols[np.argsort(self.sizes[mols], kind="stable")]
+        buckets = np.array_split(by_size, min(self.n_buckets, max(1, len(by_size))))
+        if self.shuffle:
+            buckets = [b[rng.permutation(len(b))] for b in buckets]
+        seq = np.concatenate(buckets) if buckets else by_size
+        sizes = self.sizes[seq].astype(np.int64)
+        batches: list[np.ndarray] = []
+        start, acc = 0, 0
+        for i, n in enumerate(sizes):
+            if acc + n > self.max_atoms and i > start:
+                batches.append(seq[start:i])
+                start, acc = i, 0
+            acc += n
+        if start < len(seq):
+            batches.append(seq[start:])
+        if self.shuffle and batches:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def global_batches(self, epoch: Optional[int] = None) -> list[np.ndarray]:
+        """Global molecule indices (into the split, in shard order) of every global batch of the epoch."""
+        return [b for w in self._plan(self.epoch if epoch is None else epoch) for b in w.batches]
+
+    def __len__(self) -> int:
+        return sum(len(w.batches) for w in self._plan(self.epoch))
+
+    # ------------------------------------------------------------------ state
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._next_batch = int(epoch), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "next_batch": self._next_batch, "seed": self.seed, "split": self.split,
+                "n_molecules": int(len(self.sizes)), "batch_size": self.batch_size,
+                "max_atoms_per_batch": self.max_atoms}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "n_molecules", "batch_size", "max_atoms_per_batch"):
+            mine = self.state_dict()[key]
+            if key in state and state[key] != mine:
+                raise DataError(f"loader state was saved with {key}={state[key]}, this loader has {mine}")
+        self.epoch, self._next_batch = int(state["epoch"]), int(state["next_batch"])
+
+    @property
+    def padding_fraction(self) -> float:
+        """Padding share of all [B, Nmax] slots yielded so far by this loader."""
+        return 0.0 if not self.stats["slots"] else 1.0 - self.stats["atoms"] / self.stats["slots"]
+
+    # ------------------------------------------------------------------ data
+    def _read_chunks(self, chunks: np.ndarray) -> tuple[list[MoleculeSet], list[np.ndarray]]:
+        parts, gids = [], []
+        for c in chunks:
+            a, b = self.chunk_local[c]
+            parts.append(read_shard(self.shard_paths[self.chunk_shard[c]], int(a), int(b)))
+            gids.append(np.arange(self.chunk_start[c], self.chunk_start[c] + (b - a)))
+        return parts, gids
+
+    def _load_window(self, win: _Window, prev: Optional[tuple[MoleculeSet, np.ndarray, np.ndarray]]
+                     ) -> tuple[MoleculeSet, np.ndarray, np.ndarray]:
+        parts, gids = self._read_chunks(win.chunks)
+        if len(win.carry):
+            if prev is not None and np.all(np.isin(win.carry, prev[1])):
+                parts.insert(0, prev[0].select(self._rows(prev, win.carry)))
+            else:  # resumed right at a window start: read the carried molecules' chunks again
+                cs = np.unique(np.searchsorted(self.chunk_start, win.carry, side="right") - 1)
+                p2, g2 = self._read_chunks(cs)
+                tmp = self._index(MoleculeSet.concatenate(p2), np.concatenate(g2))
+                parts.insert(0, tmp[0].select(self._rows(tmp, win.carry)))
+            gids.insert(0, win.carry)
+        return self._index(MoleculeSet.concatenate(parts), np.concatenate(gids))
+
+    @staticmethod
+    def _index(data: MoleculeSet, gids: np.ndarray) -> tuple[MoleculeSet, np.ndarray, np.ndarray]:
+        order = np.argsort(gids, kind="stable")
+        return data, gids[order], order
+
+    @staticmethod
+    def _rows(loaded: tuple[MoleculeSet, np.ndarray, np.ndarray], g: np.ndarray) -> np.ndarray:
+        _, sorted_g, order = loaded
+        return order[np.searchsorted(sorted_g, g)]
+
+    def _my_share(self, idx: np.ndarray) -> np.ndarray:
+        if self.world_size == 1:
+            return idx
+        if self.max_atoms > 0:
+            # Size-sorted round robin gives every rank nearly the same number of atoms.
+            idx = idx[np.argsort(-self.sizes[idx], kind="stable")]
+        if len(idx) < self.world_size:
+            # Too few molecules for every rank: wrap around rather than hand a rank an empty batch.
+            return idx[[self.rank % len(idx)]]
+        return idx[self.rank::self.world_size]
+
+    def __iter__(self) -> Iterator[Batch]:
+        windows = self._plan(self.epoch)
+        k = 0
+        prev = None
+        for win in windows:
+            if k + len(win.batches) <= self._next_batch:  # skip whole windows before the resume point
+                k += len(win.batches)
+                continue
+            loaded = self._load_window(win, prev)
+            for idx in win.batches:
+                if k < self._next_batch:
+                    k += 1
+                    continue
+                mine = self._my_share(idx)
+                batch = collate(loaded[0], self._rows(loaded, mine))
+                k += 1
+                self._next_batch = k
+                self.stats["batches"] += 1
+                self.stats["molecules"] += len(mine)
+                self.stats["atoms"] += int(batch.n_atoms.sum())
+                self.stats["slots"] += int(batch.mask.numel())
+                yield batch
+            prev = loaded
+        # The epoch is over: the next iteration starts the next epoch unless set_epoch says otherwise.
+        self.epoch += 1
+        self._next_batch = 0

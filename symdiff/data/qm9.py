@@ -1,0 +1,270 @@
+"""QM9 sources: the project's flat .npz files and the raw ``dsgdb9nsd_*.xyz`` release (directory or .tar.bz2).
+
+Split (SPEC §1.1): drop the 3,054 uncharacterized molecules, permute the 130,831 kept indices with numpy's
+legacy ``RandomState(0)``; first 100,000 = train, next 17,748 = valid, last 13,083 = test. The split is a
+function of the QM9 id alone, so any subset of the raw files lands in the same splits as the full set.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import tarfile
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from symdiff.data.elements import NUMBERS
+from symdiff.data.molecules import MoleculeSet
+from symdiff.errors import DataError
+
+N_QM9_FILES = 133_885
+N_EXCLUDED = 3_054
+SPLITS = ("train", "valid", "test")
+SPLIT_SIZES = (100_000, 17_748, 13_083)
+_XYZ_NAME = re.compile(r"dsgdb9nsd_(\d{6})\.xyz$")
+
+
+def excluded_ids(path: Optional[Path] = None) -> np.ndarray:
+    """The 3,054 uncharacterized QM9 ids: from ``uncharacterized.txt`` if given, else the copy shipped with us."""
+    if path is not None:
+        ids = parse_uncharacterized(Path(path).read_text(), str(path))
+    else:
+        with resources.files("symdiff.data.bundled").joinpath("qm9_uncharacterized.npz").open("rb") as f:
+            ids = np.load(f)["ids"].astype(np.int64)
+    if len(ids) != N_EXCLUDED:
+        raise DataError(f"{path or 'bundled exclusion list'}: {len(ids)} excluded ids, QM9 has {N_EXCLUDED}")
+    return np.sort(ids)
+
+
+def parse_uncharacterized(text: str, source: str) -> np.ndarray:
+    """QM9's ``uncharacterized.txt``: a header, then rows whose first number is the molecule index."""
+    ids = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0].isdigit():
+            ids.append(int(fields[0]))
+    if not ids:
+        raise DataError(f"{source}: no molecule ids found (expected QM9's uncharacterized.txt)")
+    return np.asarray(ids, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=2)
+def edm_split_lists(excluded: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+    """Sorted QM9 ids of each EDM split."""
+    exc = np.asarray(excluded) if excluded is not None else excluded_ids()
+    kept = np.setdiff1d(np.arange(1, N_QM9_FILES + 1), exc)
+    perm = np.random.RandomState(0).permutation(len(kept))
+    a, b = SPLIT_SIZES[0], SPLIT_SIZES[0] + SPLIT_SIZES[1]
+    return {"train": np.sort(kept[perm[:a]]), "valid": np.sort(kept[perm[a:b]]), "test": np.sort(kept[perm[b:]])}
+
+
+def split_positions(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(split index 0/1/2 or -1 for excluded/unknown, position inside the sorted split list) per QM9 id."""
+    lists = edm_split_lists()
+    split = np.full(len(ids), -1, dtype=np.int64)
+    pos = np.full(len(ids), -1, dtype=np.int64)
+    for s, name in enumerate(SPLITS):
+        lst = lists[name]
+        j = np.searchsorted(lst, ids)
+        hit = (j < len(lst)) & (lst[np.minimum(j, len(lst) - 1)] == ids)
+        split[hit] = s
+        pos[hit] = j[hit]
+    return split, pos
+
+
+# ------------------------------------------------------------------------------------------------ npz
+class QM9Npz:
+    """``qm9.npz`` (or a file of the same layout, e.g. the bundled subset); formal charges from
+    ``formal_charges`` in the file itself or from ``qm9_rdkit_graphs.npz`` beside it."""
+
+    dataset = "qm9"
+
+    def __init__(self, path: Path, shard_size: int) -> None:
+        self.path = Path(path)
+        try:
+            self.z = np.load(self.path)
+        except Exception as exc:
+            raise DataError(f"{self.path}: cannot open as .npz: {exc}") from exc
+        for key in ("mol_id", "offsets", "atomic_numbers", "positions"):
+            if key not in self.z.files:
+                raise DataError(f"{self.path}: missing array '{key}' (expected the qm9.npz layout)")
+        self.ids = self.z["mol_id"].astype(np.int64)
+        self.offsets = self.z["offsets"].astype(np.int64)
+        if len(self.offsets) != len(self.ids) + 1:
+            raise DataError(f"{self.path}: offsets has {len(self.offsets)} entries for {len(self.ids)} molecules")
+        if "split_edm" in self.z.files:
+            split = self.z["split_edm"].astype(np.int64)
+        else:
+            split, _ = split_positions(self.ids)
+        self.split = split
+        self.charges_from = None
+        if "formal_charges" in self.z.files:
+            self.charges_from = (self.path, "formal_charges")
+        else:
+            g = self.path.parent / "qm9_rdkit_graphs.npz"
+            if g.is_file():
+                self.charges_from = (g, "formal_charges")
+        self.shard_size = shard_size
+        self.has_formal_charges = self.charges_from is not None
+        self.n_excluded = int((split < 0).sum())
+
+    def describe(self) -> dict:
+        return {"source": str(self.path), "source_format": "qm9-npz", "split_method": "edm",
+                "formal_charges_from": None if self.charges_from is None else str(self.charges_from[0])}
+
+    def parts(self) -> list[tuple[int, str, np.ndarray]]:
+        out = []
+        for s, name in enumerate(SPLITS):
+            rows = np.flatnonzero(self.split == s)
+            for start in range(0, len(rows), self.shard_size):
+                out.append((len(out), name, rows[start:start + self.shard_size]))
+        return out
+
+    def iter_parts(self, rank: int, world: int) -> Iterator[tuple[int, dict[str, MoleculeSet]]]:
+        z = self.z["atomic_numbers"]
+        x = self.z["positions"]
+        q = None
+        if self.charges_from is not None:
+            cz = np.load(self.charges_from[0])
+            if self.charges_from[0] != self.path and "mol_id" in cz.files and \
+                    not np.array_equal(cz["mol_id"].astype(np.int64), self.ids):
+                raise DataError(f"{self.charges_from[0]}: mol_id order differs from {self.path}")
+            q = cz[self.charges_from[1]]
+            if len(q) != len(z):
+                raise DataError(f"{self.charges_from[0]}: {len(q)} formal charges for {len(z)} atoms in {self.path}")
+        full = MoleculeSet(atomic_numbers=z, positions=np.asarray(x, dtype=np.float32).reshape(-1, 3),
+                           offsets=self.offsets, mol_ids=self.ids, formal_charges=q)
+        for key, name, rows in self.parts():
+            if key % world == rank:
+                yield key, {name: full.select(rows)}
+
+
+# ------------------------------------------------------------------------------------------------ raw xyz
+def _num(tok: str) -> float:
+    # QM9 writes tiny numbers Mathematica-style: 1.2345*^-6
+    return float(tok.replace("*^", "e"))
+
+
+def parse_xyz(text: str, source: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """One ``dsgdb9nsd_*.xyz`` record -> (QM9 id, Z [n], positions [n, 3])."""
+    lines = text.splitlines()
+    try:
+        n = int(lines[0].split()[0])
+        head = lines[1].split()
+        if len(head) < 2 or head[0] != "gdb":
+            raise ValueError(f"line 2 should start with 'gdb <id>', got {lines[1][:40]!r}")
+        mol_id = int(head[1])
+        if n <= 0:
+            return mol_id, np.zeros(0, np.int8), np.zeros((0, 3), np.float32)
+        if len(lines) < n + 2:
+            raise ValueError(f"{n} atoms announced but only {len(lines) - 2} atom lines")
+        z = np.empty(n, dtype=np.int8)
+        x = np.empty((n, 3), dtype=np.float64)
+        for i in range(n):
+            f = lines[2 + i].split()
+            if f[0] not in NUMBERS:
+                raise ValueError(f"atom {i}: unknown element symbol {f[0]!r}")
+            z[i] = NUMBERS[f[0]]
+            x[i] = (_num(f[1]), _num(f[2]), _num(f[3]))
+    except (ValueError, IndexError) as exc:
+        raise DataError(f"{source}: malformed QM9 xyz record: {exc}") from exc
+    return mol_id, z, x.astype(np.float32)
+
+
+class QM9Xyz:
+    """The raw QM9 release: a directory of ``dsgdb9nsd_*.xyz`` files or the ``dsgdb9nsd.xyz.tar.bz2`` tarball.
+
+    Ids come from the file names; molecules in QM9's uncharacterized list (``uncharacterized.txt`` beside the
+    files, or inside the tarball, else the shipped copy) are excluded. A part is ``shard_size`` consecutive ids of
+    the full split, so a build from the raw files has the same shards as one from ``qm9.npz``.
+    """
+
+    dataset = "qm9"
+    has_formal_charges = False
+
+    def __init__(self, path: Path, shard_size: int) -> None:
+        self.path = Path(path)
+        self.shard_size = shard_size
+        self.is_tar = self.path.is_file()
+        if self.is_tar:
+            try:
+                # Listing a .tar.bz2 means decompressing it; names only, each rank once.
+                with tarfile.open(self.path, "r:*") as tf:
+                    self.members = {}
+                    unc = None
+                    for m in tf:
+                        hit = _XYZ_NAME.search(m.name)
+                        if hit and m.isfile():
+                            self.members[int(hit.group(1))] = m.name
+                        elif m.name.endswith("uncharacterized.txt"):
+                            unc = tf.extractfile(m).read().decode()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise DataError(f"{self.path}: cannot read tarball: {exc}") from exc
+            if unc is not None:
+                exc_ids = parse_uncharacterized(unc, f"{self.path}:uncharacterized.txt")
+            else:
+                exc_ids = None
+        else:
+            self.members = {}
+            for p in self.path.glob("dsgdb9nsd_*.xyz"):
+                hit = _XYZ_NAME.search(p.name)
+                if hit:
+                    self.members[int(hit.group(1))] = str(p)
+            unc_path = self.path / "uncharacterized.txt"
+            exc_ids = parse_uncharacterized(unc_path.read_text(), str(unc_path)) if unc_path.is_file() else None
+        if not self.members:
+            raise DataError(f"{self.path}: no dsgdb9nsd_*.xyz files found")
+        if exc_ids is not None and len(exc_ids) != N_EXCLUDED:
+            raise DataError(f"{self.path}: uncharacterized.txt lists {len(exc_ids)} ids, QM9 has {N_EXCLUDED}")
+        if exc_ids is not None and not np.array_equal(np.sort(exc_ids), excluded_ids()):
+            raise DataError(f"{self.path}: uncharacterized.txt differs from QM9's list of excluded molecules")
+        ids = np.array(sorted(self.members), dtype=np.int64)
+        bad = ids[(ids < 1) | (ids > N_QM9_FILES)]
+        if len(bad):
+            raise DataError(f"{self.path}: file id {int(bad[0])} outside QM9's 1..{N_QM9_FILES}")
+        split, pos = split_positions(ids)
+        self.n_excluded = int((split < 0).sum())
+        self.ids, self.split, self.pos = ids[split >= 0], split[split >= 0], pos[split >= 0]
+
+    def describe(self) -> dict:
+        return {"source": str(self.path), "source_format": "qm9-xyz-tar" if self.is_tar else "qm9-xyz-dir",
+                "split_method": "edm", "excluded_files_seen": self.n_excluded}
+
+    def parts(self) -> list[tuple[int, str, np.ndarray]]:
+        out = []
+        key = 0
+        for s, name in enumerate(SPLITS):
+            sel = self.split == s
+            ids, chunk = self.ids[sel], self.pos[sel] // self.shard_size
+            n_chunks = -(-SPLIT_SIZES[s] // self.shard_size)
+            for c in range(n_chunks):
+                mine = ids[chunk == c]
+                if len(mine):
+                    out.append((key, name, mine))
+                key += 1
+        return out
+
+    def iter_parts(self, rank: int, world: int) -> Iterator[tuple[int, dict[str, MoleculeSet]]]:
+        mine = [p for p in self.parts() if p[0] % world == rank]
+        want = {int(i) for _, _, ids in mine for i in ids}
+        texts: dict[int, str] = {}
+        if self.is_tar:
+            with tarfile.open(self.path, "r:*") as tf:
+                for m in tf:
+                    hit = _XYZ_NAME.search(m.name)
+                    if hit and int(hit.group(1)) in want:
+                        texts[int(hit.group(1))] = tf.extractfile(m).read().decode()
+        for key, name, ids in mine:
+            zs, xs = [], []
+            for i in ids:
+                i = int(i)
+                src = f"{self.path}:{self.members[i]}" if self.is_tar else self.members[i]
+                text = texts.pop(i) if self.is_tar else Path(src).read_text()
+                mol_id, z, x = parse_xyz(text, src)
+                if mol_id != i:
+                    raise DataError(f"{src}: header says gdb {mol_id} but the file name says {i}")
+                zs.append(z)
+                xs.append(x)
+            yield key, {name: MoleculeSet.from_lists(zs, xs, [int(i) for i in ids])}
