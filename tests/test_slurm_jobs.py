@@ -58,4 +58,5 @@ def test_mpi_shard_build_matches_serial(slurm: SlurmCluster, tmp_path: Path) -> 
     assert a["splits"]["train"]["n_molecules"] == 6000 and len(a["splits"]["train"]["shards"]) == 6
     for split in a["splits"].values():
         for shard in split["shards"]:
-            assert (tmp_path / "serial" / shard["path"]).read_bytes() == (tmp_path / "mpi" / shard["path"]).read_bytes()
+            serial_bytes = (tmp_path / "serial" / shard["path"]).read_bytes()
+            assert serial_bytes == (tmp_path / "mpi" / shard["path"]).read_bytes()
