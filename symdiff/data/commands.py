@@ -25,8 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--trust-pickle", action="store_true",
                    help="allow reading GEOM rdkit_folder pickles (unpickling runs code: only for files you trust)")
     b.add_argument("--conformers", type=int, default=30, help="GEOM: lowest-energy conformers kept per molecule")
-    b.add_argument("--split-smiles", type=Path, default=None,
-                   help="GEOM: directory with midi_split_smiles_{train,val,test}.txt.gz for the leak-free split")
+    b.add_argument("--split-smiles", default=None,
+                   help="GEOM: directory with midi_split_smiles_{train,val,test}.txt.gz for the leak-free split "
+                        "(default: ../shared/data/geom_drugs if present); 'none' = seeded SMILES hash only")
     b.add_argument("--split-seed", type=int, default=0, help="GEOM: seed of the SMILES-hash split")
     b.add_argument("--geom-permutation", type=Path, default=None,
                    help="GEOM: EDM's geom_permutation.npy for EDM's per-conformer split (serial builds only)")

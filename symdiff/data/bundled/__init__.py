@@ -40,3 +40,8 @@ def ensure_bundled_shards(out_dir: Optional[str | Path] = None) -> Path:
                 raise
     verify(out)
     return out
+
+
+def geom_sample_path() -> Path:
+    """Three real GEOM-Drugs molecules with all their conformers (30), in the layout of the shared GEOM sample."""
+    return Path(str(resources.files("symdiff.data.bundled").joinpath("geom_sample_3mols.npz")))
