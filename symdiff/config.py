@@ -98,6 +98,9 @@ class TrainConfig:
     # Periodic evaluation during training (0 = off)
     eval_every: int = 0
     eval_samples: int = 100
+    # Micro-batches per global batch (a multiple of the world size; 0 = one per process). Randomness is drawn per
+    # micro-batch, so fixing this makes a run resume on another world size with the same loss trajectory.
+    grad_shards: int = 0
 
 
 @dataclass

@@ -1,0 +1,427 @@
+"""Sharded DeepSpeed checkpoints that are published atomically and resumed exactly.
+
+Layout of ``RUN_DIR/checkpoints``::
+
+    step_00000500/            one complete checkpoint (DeepSpeed's sharded files + ours)
+        mp_rank_00_model_states.pt, *optim_states.pt ...   DeepSpeed (model, optimizer, scheduler)
+        symdiff_state.pt      step, epoch, EMA, config (+ hash), parameter shapes, world size, guard counters
+        rank_00000.pt ...     per rank: RNG states and loader state
+        COMPLETE.json         written last: size + sha256 of every file above
+    latest                    name of the newest complete checkpoint (replaced atomically)
+    .tmp-step_00000600/       a checkpoint being written (never chosen; removed at the next save/start)
+    universal/step_00000500/  DeepSpeed universal conversion, made when resuming on another world size
+
+A checkpoint directory only appears under its final name after every rank has written its part and rank 0 has
+written COMPLETE.json inside it, so a crash at any moment leaves either the old or the new checkpoint, never a
+half one. Resume additionally re-verifies the checksums.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from symdiff.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+CKPT_DIR = "checkpoints"
+MARKER = "COMPLETE.json"
+STATE_FILE = "symdiff_state.pt"
+FORMAT_VERSION = 1
+_TAG_RE = re.compile(r"^step_(\d{8,})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def rank_file(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+# ----------------------------------------------------------------------------------------------- integrity
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass  # some file systems cannot fsync directories; the rename is still atomic
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _files_of(tag_dir: Path) -> list[Path]:
+    return sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != MARKER)
+
+
+def verify(tag_dir: Path, checksums: bool = True) -> Optional[dict[str, Any]]:
+    """The marker of a complete, intact checkpoint, or None (the reason is logged)."""
+    marker = tag_dir / MARKER
+    if not marker.is_file():
+        log.warning("%s: no %s (checkpoint incomplete), skipped", tag_dir, MARKER)
+        return None
+    try:
+        meta = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        log.warning("%s: unreadable marker (%s), skipped", tag_dir, exc)
+        return None
+    for rel, info in meta.get("files", {}).items():
+        f = tag_dir / rel
+        if not f.is_file() or f.stat().st_size != info["size"]:
+            log.warning("%s: file %s missing or truncated, skipped", tag_dir, rel)
+            return None
+        if checksums and _sha256(f) != info["sha256"]:
+            log.warning("%s: checksum mismatch in %s, skipped", tag_dir, rel)
+            return None
+    return meta
+
+
+def complete_checkpoints(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """(step, dir) of every checkpoint that has a completion marker, oldest first (checksums not verified)."""
+    out = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            m = _TAG_RE.match(p.name)
+            if m and p.is_dir() and (p / MARKER).is_file():
+                out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def newest_complete(ckpt_dir: Path) -> Optional[Path]:
+    """The newest checkpoint that verifies; a corrupt newest one falls back to the one before."""
+    for _, path in reversed(complete_checkpoints(ckpt_dir)):
+        if verify(path) is not None:
+            return path
+    return None
+
+
+def find_resume(run_dir: Path, resume: str) -> Optional[Path]:
+    """Checkpoint directory to resume from, or None for a fresh start. ``resume`` is auto | never | PATH."""
+    ckpt_dir = run_dir / CKPT_DIR
+    if resume == "never":
+        if complete_checkpoints(ckpt_dir):
+            raise CheckpointError(f"{run_dir}: has checkpoints but --resume never was given; use a new run "
+                                  f"directory (nothing is overwritten)")
+        return None
+    if resume == "auto":
+        found = newest_complete(ckpt_dir)
+        if found is None and complete_checkpoints(ckpt_dir):
+            raise CheckpointError(f"{ckpt_dir}: no checkpoint passes its checksum check")
+        return found
+    return resolve_checkpoint(Path(resume))
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory from a checkpoint directory, a run directory or its checkpoints/ directory."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: does not exist")
+    if (path / MARKER).is_file():
+        if verify(path) is None:
+            raise CheckpointError(f"{path}: checkpoint fails its completeness/checksum check")
+        return path
+    for cand in (path / CKPT_DIR, path):
+        if cand.is_dir() and complete_checkpoints(cand):
+            found = newest_complete(cand)
+            if found is None:
+                raise CheckpointError(f"{cand}: no checkpoint passes its checksum check")
+            return found
+    raise CheckpointError(f"{path}: not a checkpoint or a run directory with complete checkpoints")
+
+
+def read_state(tag_dir: Path) -> dict[str, Any]:
+    try:
+        # Our own file (numpy RNG state inside): not loadable with weights_only. Only load checkpoints you trust.
+        return torch.load(tag_dir / STATE_FILE, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise CheckpointError(f"{tag_dir / STATE_FILE}: cannot read ({exc})") from exc
+
+
+# ----------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state()
+    return st
+
+
+def set_rng_state(st: dict[str, Any]) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state(st["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- compatibility
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def check_compatible(state: dict[str, Any], cfg: DictConfig, shapes: dict[str, tuple[int, ...]],
+                     where: Path) -> None:
+    """Raise CheckpointError naming every mismatched config key and parameter (name, shapes)."""
+    from symdiff.config import to_dict
+
+    problems = []
+    old = _flatten({k: state["config"][k] for k in ("model", "diffusion")})
+    new = _flatten({k: to_dict(cfg)[k] for k in ("model", "diffusion")})
+    # kernel_backend picks an implementation of the same maths; switching it is allowed.
+    for key in sorted(set(old) | set(new)):
+        if key.endswith("kernel_backend"):
+            continue
+        if old.get(key) != new.get(key):
+            problems.append(f"config {key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}")
+    for key in ("data.dataset", "data.include_charges"):
+        a, b = _flatten(state["config"]).get(key), _flatten(to_dict(cfg)).get(key)
+        if a != b:
+            problems.append(f"config {key}: checkpoint {a!r} vs now {b!r}")
+    stored = {k: tuple(v) for k, v in state["param_shapes"].items()}
+    for k in sorted(set(stored) - set(shapes)):
+        problems.append(f"parameter {k} {stored[k]} is in the checkpoint but not in the model")
+    for k in sorted(set(shapes) - set(stored)):
+        problems.append(f"parameter {k} {shapes[k]} is in the model but not in the checkpoint")
+    for k in sorted(set(shapes) & set(stored)):
+        if stored[k] != tuple(shapes[k]):
+            problems.append(f"parameter {k}: checkpoint shape {stored[k]} vs model shape {tuple(shapes[k])}")
+    if problems:
+        shown = "\n  ".join(problems[:30]) + (f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else "")
+        raise CheckpointError(f"{where} does not match this config/model (nothing was changed):\n  {shown}")
+
+
+# ----------------------------------------------------------------------------------------------- save
+
+
+def _test_hook_sleep() -> None:
+    # Test-only: widen the window in which a SIGKILL lands inside a checkpoint write.
+    delay = float(os.environ.get("SYMDIFF_TEST_SAVE_SLEEP", "0") or 0)
+    if delay > 0:
+        time.sleep(delay)
+
+
+def save(engine, ckpt_dir: Path, step: int, common: dict[str, Any], per_rank: dict[str, Any], *,
+         keep_last: int) -> Path:
+    """Write a checkpoint for ``step`` on every rank (collective) and publish it. Returns its directory."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    tag = tag_for(step)
+    final = ckpt_dir / tag
+    tmp_tag = f".tmp-{tag}"
+    tmp = ckpt_dir / tmp_tag
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    dist.barrier()
+    if final.exists():  # same step already published (e.g. resumed and stopped at once): keep the good one
+        dist.barrier()
+        return final
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
+    torch.save(per_rank, tmp / rank_file(rank))
+    if rank == 0:
+        torch.save(common, tmp / STATE_FILE)
+    _test_hook_sleep()
+    dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        files = {}
+        for f in _files_of(tmp):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        marker = {"format": FORMAT_VERSION, "tag": tag, "step": step, "world_size": dist.get_world_size(),
+                  "zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled()),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+        _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(ckpt_dir)
+        _write_atomic(ckpt_dir / "latest", tag)
+        _prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    done = complete_checkpoints(ckpt_dir)
+    for _, path in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / "universal" / path.name, ignore_errors=True)
+
+
+def clean_stale(ckpt_dir: Path) -> None:
+    """Remove half-written checkpoints left by a crash (rank 0 only, before training starts)."""
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------- load
+
+
+@dataclass
+class ResumePlan:
+    tag_dir: Path
+    meta: dict[str, Any]
+    state: dict[str, Any]
+    universal: bool
+
+
+def plan_resume(tag_dir: Path, world_size: int, zero_stage: int) -> ResumePlan:
+    meta = verify(tag_dir, checksums=False)
+    if meta is None:
+        raise CheckpointError(f"{tag_dir}: incomplete checkpoint")
+    state = read_state(tag_dir)
+    old_ws, old_stage = int(meta["world_size"]), int(meta["zero_stage"])
+    if (old_stage == 0) != (zero_stage == 0):
+        raise CheckpointError(f"{tag_dir}: saved with ZeRO stage {old_stage}, now stage {zero_stage}; switching "
+                              f"between stage 0 and ZeRO is not supported on resume (export the weights with "
+                              f"tools/convert_checkpoint.py and start a new run)")
+    # ZeRO 1 and 2 share a layout; anything else that changes the partitioning goes through universal format.
+    same_layout = old_ws == world_size and (old_stage == zero_stage or {old_stage, zero_stage} == {1, 2})
+    universal = zero_stage > 0 and not same_layout
+    return ResumePlan(tag_dir, meta, state, universal)
+
+
+def universal_dir(tag_dir: Path) -> Path:
+    return tag_dir.parent / "universal" / tag_dir.name
+
+
+def convert_to_universal(tag_dir: Path) -> Path:
+    """DeepSpeed's ds_to_universal on ``tag_dir`` (rank 0 only); cached next to the checkpoints."""
+    out = universal_dir(tag_dir)
+    if (out / MARKER).is_file():
+        return out
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise CheckpointError(f"{tag_dir}: universal checkpoint conversion failed:\n{res.stderr[-3000:]}")
+    (tmp / MARKER).write_text(json.dumps({"source": tag_dir.name}))
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    return out
+
+
+def load_engine(engine, plan: ResumePlan) -> None:
+    """Load model, optimizer and scheduler state into ``engine`` (collective)."""
+    if plan.universal:
+        load_dir = universal_dir(plan.tag_dir).parent
+    else:
+        load_dir = plan.tag_dir.parent
+    path, _ = engine.load_checkpoint(str(load_dir), tag=plan.tag_dir.name, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise CheckpointError(f"{plan.tag_dir}: DeepSpeed could not load the checkpoint")
+
+
+def load_rank_state(tag_dir: Path, rank: int) -> Optional[dict[str, Any]]:
+    f = tag_dir / rank_file(rank)
+    if not f.is_file():
+        return None
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------------------------- inference
+
+
+def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Parameters are named through engine.TrainStep ("model." prefix) inside DeepSpeed files.
+    return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}
+
+
+def fp32_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Plain fp32 (non-EMA) weights of a checkpoint, whatever its ZeRO stage or world size."""
+    meta = verify(tag_dir, checksums=False)
+    if meta is None:
+        raise CheckpointError(f"{tag_dir}: incomplete checkpoint")
+    if int(meta["zero_stage"]) == 0 and not meta.get("bf16"):
+        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    else:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return {k: v.float() for k, v in _strip(sd).items()}
+
+
+def _load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+    own = dict(model.state_dict())
+    params = {k for k, _ in model.named_parameters()}
+    problems = [f"missing {k} {tuple(own[k].shape)}" for k in sorted(params - set(sd))]
+    problems += [f"unexpected {k} {tuple(sd[k].shape)}" for k in sorted(set(sd) - set(own))]
+    problems += [f"{k}: stored {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                 for k in sorted(set(sd) & set(own)) if tuple(sd[k].shape) != tuple(own[k].shape)]
+    if problems:
+        raise CheckpointError(f"{where}: weights do not match the model: " + "; ".join(problems[:20]))
+    model.load_state_dict(sd, strict=False)
+
+
+def load_for_inference(path_or_run_dir: str | Path, use_ema: bool = True):
+    """(cfg, model) with plain weights (EMA by default) from a run dir, a checkpoint dir or an exported .pt."""
+    from symdiff.config import from_dict
+    from symdiff.models import build_model
+
+    path = Path(path_or_run_dir)
+    if path.is_file():
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(blob, dict) or "config" not in blob or "weights" not in blob:
+            raise CheckpointError(f"{path}: not an exported checkpoint (expected keys config, weights, ema)")
+        cfg = from_dict(blob["config"])
+        sd = blob["ema"] if use_ema and blob.get("ema") is not None else blob["weights"]
+    else:
+        tag_dir = resolve_checkpoint(path)
+        state = read_state(tag_dir)
+        cfg = from_dict(state["config"])
+        sd = state["ema"] if use_ema else fp32_weights(tag_dir)
+        path = tag_dir
+    model = build_model(cfg)
+    _load_weights(model, sd, str(path))
+    model.eval()
+    return cfg, model

@@ -1,0 +1,328 @@
+"""The training loop, top to bottom: set up, resume, step, log, checkpoint, stop.
+
+Exactness rules that everything here follows (so a resumed run is bitwise the uninterrupted one):
+- all randomness of a step comes from ``torch.manual_seed(seed_of(train.seed, step, shard))`` set right before
+  each micro-batch, so it depends on the step and the data shard only (not on the world size or on history);
+- the loader's order is a pure function of (data.seed, epoch) and its state is (epoch, next global batch);
+- everything else (weights, optimizer, scheduler, EMA, counters) is in the checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from symdiff.config import config_hash, to_dict, to_yaml
+from symdiff.data.batch import Batch
+from symdiff.errors import UserError
+from symdiff.train import checkpoint as ckpt
+from symdiff.train.ema import EMA
+from symdiff.train.engine import build_engine, grad_shards, init_distributed, is_stage3, use_bf16
+from symdiff.train.launch import EXIT_NONFINITE, EXIT_REQUEUE, discover
+
+log = logging.getLogger("symdiff.train")
+
+
+def seed_of(seed: int, step: int, shard: int) -> int:
+    """Independent, reproducible 63-bit seed for (global seed, step, data shard)."""
+    return int(np.random.SeedSequence([seed, step, shard]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+def split_batch(batch: Batch, n: int) -> list[Batch]:
+    """Cut a rank's batch into ``n`` micro-batches: micro j takes every n-th molecule starting at j.
+
+    The loader gives rank r molecules r, r+W, r+2W... of the global batch, so micro j of rank r is global shard
+    r + j*W = every S-th molecule from it (S = n*W): the same molecules whatever W is, for a fixed S.
+    Padding is trimmed to each micro-batch's largest molecule.
+    """
+    if n == 1:
+        return [batch]
+    out = []
+    for j in range(n):
+        idx = torch.arange(j, len(batch), n)
+        if len(idx) == 0:
+            idx = torch.tensor([j % len(batch)])  # never hand the model an empty batch
+        width = int(batch.n_atoms[idx].max())
+        out.append(Batch(positions=batch.positions[idx, :width], atomic_numbers=batch.atomic_numbers[idx, :width],
+                         mask=batch.mask[idx, :width],
+                         formal_charges=None if batch.formal_charges is None else batch.formal_charges[idx, :width],
+                         mol_ids=batch.mol_ids[idx], n_atoms=batch.n_atoms[idx]))
+    return out
+
+
+class _NanGrad(torch.autograd.Function):
+    """Test hook: identity forward, NaN gradient backward (a finite loss with non-finite gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return g * float("nan")
+
+
+def _test_injection(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
+    # SYMDIFF_TEST_NAN_LOSS / SYMDIFF_TEST_NAN_GRAD = comma-separated 1-based steps (rank 0 only). Tests only.
+    for var, kind in (("SYMDIFF_TEST_NAN_LOSS", "loss"), ("SYMDIFF_TEST_NAN_GRAD", "grad")):
+        steps = os.environ.get(var)
+        if steps and rank == 0 and str(step) in steps.split(","):
+            loss = loss * float("nan") if kind == "loss" else _NanGrad.apply(loss)
+    return loss
+
+
+class _StopFlag:
+    """SIGUSR1/SIGTERM (SLURM preemption, `scancel --signal`, the --nproc parent) ask for checkpoint-and-exit.
+
+    The handler only sets a flag; the loop acts on it after the current step, once all ranks agree.
+    """
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        for s in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(s, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+
+
+def _memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB, this process
+
+
+def _rewind_metrics(path: Path, step: int) -> None:
+    """Drop log lines of steps after the checkpoint we resume from (they will be redone), atomically."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in keep))
+    os.replace(tmp, path)
+
+
+def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
+    """Train ``cfg`` in ``run_dir`` on this process's rank. Returns the process exit code (0, 75 requeue, 3)."""
+    # ---------------------------------------------------------------- processes and devices
+    env = discover()
+    init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / ckpt.CKPT_DIR
+    stop = _StopFlag()
+    t = cfg.train
+    shards_total = grad_shards(cfg, world)
+    n_local = shards_total // world
+
+    # ---------------------------------------------------------------- which checkpoint (rank 0 decides for all)
+    choice: list[Any] = [None]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_stale(ckpt_dir)
+        try:
+            found = ckpt.find_resume(run_dir, resume)
+            choice[0] = ("ok", None if found is None else str(found))
+        except UserError as exc:
+            choice[0] = ("error", str(exc))
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0][0] == "error":
+        raise ckpt.CheckpointError(choice[0][1])
+    resume_dir = None if choice[0][1] is None else Path(choice[0][1])
+
+    # ---------------------------------------------------------------- model (same initial weights on every rank)
+    from symdiff.data.loader import ShardLoader
+    from symdiff.data.shards import read_manifest
+    from symdiff.models import build_model
+
+    torch.manual_seed(int(t.seed))
+    model = build_model(cfg)
+    manifest = read_manifest(cfg.data.root)
+    hist = manifest.get("n_atoms_histogram", {}).get(cfg.data.train_split)
+    if hist:
+        model.set_n_atoms_histogram({int(k): int(v) for k, v in hist.items()})
+    model.to(device)
+    shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+
+    plan = None
+    if resume_dir is not None:
+        plan = ckpt.plan_resume(resume_dir, world, int(t.zero_stage))
+        ckpt.check_compatible(plan.state, cfg, shapes, resume_dir)  # raises before anything is written
+        if plan.universal:
+            err: list[Any] = [None]
+            if rank == 0:
+                log.info("world size/ZeRO layout changed (%s -> %d ranks, stage %s -> %d): converting %s to "
+                         "DeepSpeed's universal format", plan.meta["world_size"], world, plan.meta["zero_stage"],
+                         int(t.zero_stage), resume_dir.name)
+                try:
+                    ckpt.convert_to_universal(resume_dir)
+                except UserError as exc:
+                    err[0] = str(exc)
+            dist.broadcast_object_list(err, src=0)
+            if err[0]:
+                raise ckpt.CheckpointError(err[0])
+
+    # ---------------------------------------------------------------- engine, EMA, data
+    engine, ds_cfg = build_engine(cfg, model, world, load_universal=bool(plan and plan.universal))
+    named = [(k, p) for k, p in engine.module.model.named_parameters()]
+    ema = EMA(named, float(t.ema_decay), stage3=is_stage3(engine), bf16=use_bf16(cfg))
+    loader = ShardLoader(cfg.data.root, cfg.data.train_split, batch_size=int(cfg.data.batch_size),
+                         max_atoms_per_batch=int(cfg.data.max_atoms_per_batch), n_buckets=int(cfg.data.n_buckets),
+                         shuffle=True, seed=int(cfg.data.seed), rank=rank, world_size=world)
+
+    step, nonfinite_total, nonfinite_row = 0, 0, 0
+    if plan is not None:
+        ckpt.load_engine(engine, plan)
+        ema.load_state_dict(plan.state["ema"])
+        step = int(plan.state["step"])
+        nonfinite_total = int(plan.state.get("nonfinite_total", 0))
+        nonfinite_row = int(plan.state.get("nonfinite_in_a_row", 0))
+        mine = ckpt.load_rank_state(plan.tag_dir, rank) if plan.meta["world_size"] == world else None
+        if mine is not None:
+            ckpt.set_rng_state(mine["rng"])
+        # The loader state is global (epoch, next global batch): rank 0's is valid on any world size.
+        loader.load_state_dict((mine or ckpt.load_rank_state(plan.tag_dir, 0))["loader"])
+        if rank == 0:
+            log.info("resumed from %s at step %d (epoch %d)", plan.tag_dir, step, loader.epoch)
+    else:
+        # Per-rank streams for anything outside a step's seeded region, derived from the one global seed.
+        torch.manual_seed(seed_of(int(t.seed), 0, 1_000_000 + rank))
+
+    metrics_path = run_dir / "metrics.jsonl"
+    writer = None
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=1) + "\n")
+        _rewind_metrics(metrics_path, step)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1)
+        except ImportError:  # tensorboard is in requirements.txt; stay usable without it
+            writer = None
+    from tqdm import tqdm
+
+    bar = tqdm(total=int(t.max_steps), initial=step, disable=None if rank == 0 else True, desc="train",
+               dynamic_ncols=True)
+
+    def save() -> Path:
+        common = {"format": ckpt.FORMAT_VERSION, "step": step, "epoch": loader.epoch, "config": to_dict(cfg),
+                  "config_hash": config_hash(cfg), "param_shapes": shapes, "ema": ema.state_dict(),
+                  "buffers": {k: v.detach().cpu() for k, v in engine.module.model.state_dict().items()
+                              if k not in shapes},
+                  "world_size": world, "grad_shards": shards_total,
+                  "nonfinite_total": nonfinite_total, "nonfinite_in_a_row": nonfinite_row}
+        return ckpt.save(engine, ckpt_dir, step, common, {"rng": ckpt.rng_state(), "loader": loader.state_dict()},
+                         keep_last=int(t.keep_last))
+
+    # ---------------------------------------------------------------- the loop
+    engine.train()
+    seed = int(t.seed)
+    window = {"t0": time.perf_counter(), "steps": 0, "mols": 0.0, "atoms": 0.0, "slots": 0.0}
+    exit_code = 0
+    data = iter(loader)
+    while step < int(t.max_steps):
+        try:
+            batch = next(data)
+        except StopIteration:  # epoch over; the loader has moved on to the next epoch by itself
+            data = iter(loader)
+            continue
+        step += 1
+        skipped_before = engine.skipped_steps
+        loss_sum = 0.0
+        for j, micro in enumerate(split_batch(batch, n_local)):
+            torch.manual_seed(seed_of(seed, step, rank + j * world))
+            loss, _stats = engine(micro.to(device))
+            if not torch.isfinite(loss):
+                # Make sure the gradients are non-finite too, so the optimizer's overflow check skips the step.
+                loss = loss * float("nan")
+            loss = _test_injection(loss, step, rank)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss.detach())
+        skipped = engine.skipped_steps != skipped_before
+        if not skipped:
+            ema.update()
+
+        # One small all-reduce per step: global loss, data counts, the data-order check, and the stop request.
+        stats = torch.tensor([loss_sum, n_local, len(batch), float(batch.n_atoms.sum()), float(batch.mask.numel()),
+                              float(batch.mol_ids.sum()), float((batch.mol_ids.double() ** 2).sum()),
+                              1.0 if stop.signum is not None else 0.0], dtype=torch.float64)
+        dist.all_reduce(stats)
+        g_loss = float(stats[0] / stats[1])
+        window["steps"] += 1
+        window["mols"] += float(stats[2])
+        window["atoms"] += float(stats[3])
+        window["slots"] += float(stats[4])
+        bar.update(1)
+
+        if skipped:
+            nonfinite_total += 1
+            nonfinite_row += 1
+            log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row, %d in total)", step,
+                        nonfinite_row, nonfinite_total)
+        else:
+            nonfinite_row = 0
+
+        if rank == 0 and (step % int(t.log_every) == 0 or step == int(t.max_steps) or skipped):
+            dt = max(time.perf_counter() - window["t0"], 1e-9)
+            gn = engine.get_global_grad_norm()
+            rec = {"step": step, "epoch": loader.epoch, "loss": g_loss,
+                   "grad_norm": None if gn is None else float(gn), "lr": float(engine.get_lr()[0]),
+                   "it_per_s": window["steps"] / dt, "molecules_per_s": window["mols"] / dt,
+                   "tokens_per_s": window["atoms"] / dt,
+                   "padding_fraction": 1.0 - window["atoms"] / max(window["slots"], 1.0),
+                   "memory_gb": _memory_gb(device), "skipped": skipped, "nonfinite_total": nonfinite_total,
+                   "mol_id_sum": float(stats[5]), "mol_id_sqsum": float(stats[6]), "time": time.time()}
+            # json writes floats with repr(): the shortest text that reads back to the same double.
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
+                                    for k, v in rec.items()}) + "\n")
+            if writer is not None:
+                for k in ("loss", "grad_norm", "lr", "it_per_s", "molecules_per_s", "tokens_per_s",
+                          "padding_fraction", "memory_gb"):
+                    if isinstance(rec[k], float) and math.isfinite(rec[k]):
+                        writer.add_scalar(f"train/{k}", rec[k], step)
+            bar.set_postfix(loss=f"{g_loss:.4f}")
+            window = {"t0": time.perf_counter(), "steps": 0, "mols": 0.0, "atoms": 0.0, "slots": 0.0}
+
+        if nonfinite_row > int(t.max_nonfinite_in_a_row):
+            if rank == 0:
+                log.error("stopping: %d steps in a row had a non-finite loss or gradient (limit "
+                          "train.max_nonfinite_in_a_row=%d); %d skipped in total. Last complete checkpoint: %s. "
+                          "Lower train.lr, check the data, or raise the limit.", nonfinite_row,
+                          int(t.max_nonfinite_in_a_row), nonfinite_total, ckpt.newest_complete(ckpt_dir))
+            exit_code = EXIT_NONFINITE
+            break
+        preempted = float(stats[7]) > 0
+        if step % int(t.ckpt_every) == 0 or step == int(t.max_steps) or preempted:
+            path = save()
+            if rank == 0:
+                log.info("checkpoint %s", path)
+        if preempted:
+            if rank == 0:
+                log.warning("signal received: checkpointed at step %d, exiting with code %d for requeue", step,
+                            EXIT_REQUEUE)
+            exit_code = EXIT_REQUEUE
+            break
+
+    bar.close()
+    if writer is not None:
+        writer.close()
+    dist.barrier()
+    return exit_code
