@@ -1,0 +1,1 @@
+"""Evaluation of generated molecules: EDM metrics, the revised GEOM-Drugs protocol, reports."""
