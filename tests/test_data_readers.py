@@ -14,28 +14,46 @@ import pytest
 from symdiff.cli import main as cli_main
 from symdiff.data.build import build
 from symdiff.data.bundled import subset_path
-from symdiff.data.elements import SYMBOLS
-from symdiff.data.qm9 import edm_split_lists, excluded_ids, parse_xyz
+from symdiff.data.qm9 import edm_split_lists, excluded_ids, format_xyz, parse_xyz
 from symdiff.data.shards import read_manifest, read_split, verify
 from symdiff.errors import DataError, UserError
 
 
 # ------------------------------------------------------------------------------------------------ QM9 xyz
-def _qm9_num(v: float) -> str:
-    # QM9 writes numbers Mathematica-style; tiny ones come out as e.g. 2.1*^-6
-    if v != 0 and abs(v) < 1e-3:
-        mant, exp = f"{v:.9e}".split("e")
-        return f"{mant}*^{int(exp)}"
-    return f"{v:.10f}"
-
-
 def _xyz_text(mol_id: int, z: np.ndarray, x: np.ndarray, smiles: str) -> str:
-    # Properties, Mulliken charges and frequencies are not read by the reader: written as zeros of the right count.
-    lines = [str(len(z)), "gdb %d\t" % mol_id + "\t".join(["0."] * 15) + "\t"]
-    for zi, xi in zip(z, x):
-        lines.append(f"{SYMBOLS[int(zi)]}\t" + "\t".join(_qm9_num(float(v)) for v in xi) + "\t0.000000")
-    lines += ["\t".join(["0.0"] * max(1, 3 * len(z) - 6)), f"{smiles}\t{smiles}", "InChI=1S/x\tInChI=1S/x", ""]
-    return "\n".join(lines)
+    return format_xyz(mol_id, z, x, smiles=smiles, inchi="InChI=1S/x")
+
+
+# The first record of the QM9 release (dsgdb9nsd_000001.xyz, methane), as published: tabs, trailing tab on the
+# property line, a leading space before non-negative coordinates.
+METHANE = (
+    "5\n"
+    "gdb 1\t157.7118\t157.70997\t157.70699\t0.\t13.21\t-0.3877\t0.1171\t0.5048\t35.3641\t0.044749\t"
+    "-40.47893\t-40.476062\t-40.475117\t-40.498597\t6.469\t\n"
+    "C\t-0.0126981359\t 1.0858041578\t 0.0080009958\t-0.535689\n"
+    "H\t 0.002150416\t-0.0060313176\t 0.0019761204\t 0.133921\n"
+    "H\t 1.0117308433\t 1.4637511618\t 0.0002765748\t 0.133922\n"
+    "H\t-0.540815069\t 1.4475266138\t-0.8766437152\t 0.133923\n"
+    "H\t-0.5238136345\t 1.4379326443\t 0.9063972942\t 0.133923\n"
+    "1341.307\t1341.3284\t1341.365\t1562.6731\t1562.7453\t3038.3205\t3151.6034\t3151.6788\t3151.7078\n"
+    "C\tC\t\n"
+    "InChI=1S/CH4/h1H4\tInChI=1S/CH4/h1H4\n"
+)
+
+
+def test_parse_the_published_methane_record():
+    mol_id, z, x = parse_xyz(METHANE, "dsgdb9nsd_000001.xyz")
+    assert mol_id == 1 and z.tolist() == [6, 1, 1, 1, 1]
+    np.testing.assert_array_equal(x[0], np.float32([-0.0126981359, 1.0858041578, 0.0080009958]))
+    np.testing.assert_array_equal(x[4], np.float32([-0.5238136345, 1.4379326443, 0.9063972942]))
+
+
+def test_parse_the_published_methane_record_matches_qm9_npz(shared_data):
+    q = np.load(shared_data / "qm9" / "qm9.npz")
+    assert int(q["mol_id"][0]) == 1
+    _, z, x = parse_xyz(METHANE, "dsgdb9nsd_000001.xyz")
+    np.testing.assert_array_equal(x, q["positions"][: q["offsets"][1]])
+    assert z.tolist() == q["atomic_numbers"][: q["offsets"][1]].tolist()
 
 
 @pytest.fixture(scope="module")

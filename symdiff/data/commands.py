@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
 def _summary(root: Path, man: dict) -> str:
     lines = [f"{root}: dataset {man['dataset']}, max_atoms {man['max_atoms']}, "
              f"formal charges {'yes' if man.get('has_formal_charges') else 'no'}"]
+    if man.get("synthetic"):
+        lines.append("  SYNTHETIC: a GEOM-Drugs-LIKE set (RDKit conformers), not GEOM-Drugs")
     for name, s in man["splits"].items():
         lines.append(f"  {name:6s} {s['n_molecules']:>9,d} molecules {s.get('n_atoms', 0):>11,d} atoms "
                      f"{len(s['shards']):>5d} shards")

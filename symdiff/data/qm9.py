@@ -173,6 +173,30 @@ def parse_xyz(text: str, source: str) -> tuple[int, np.ndarray, np.ndarray]:
     return mol_id, z, x.astype(np.float32)
 
 
+def _fmt(v: float) -> str:
+    # QM9's own style: plain decimals, tiny magnitudes Mathematica-style (2.1*^-6)
+    if v != 0 and abs(v) < 1e-3:
+        mant, exp = f"{v:.9e}".split("e")
+        return f"{mant}*^{int(exp)}"
+    return f"{v:.10f}"
+
+
+def format_xyz(mol_id: int, z: np.ndarray, x: np.ndarray, *, properties: Optional[np.ndarray] = None,
+               mulliken: Optional[np.ndarray] = None, frequencies: Optional[np.ndarray] = None,
+               smiles: str = "", inchi: str = "") -> str:
+    """One molecule as a ``dsgdb9nsd_*.xyz`` record (the raw QM9 format). Fields we do not have are zeros."""
+    from symdiff.data.elements import SYMBOLS
+    n = len(z)
+    props = np.zeros(15) if properties is None else np.asarray(properties)
+    q = np.zeros(n) if mulliken is None else np.asarray(mulliken)
+    freq = np.zeros(max(1, 3 * n - 6)) if frequencies is None else np.asarray(frequencies)
+    lines = [str(n), f"gdb {mol_id}\t" + "\t".join(f"{float(p):.6g}" for p in props) + "\t"]
+    for zi, xi, qi in zip(z, x, q):
+        lines.append(f"{SYMBOLS[int(zi)]}\t" + "\t".join(_fmt(float(v)) for v in xi) + "\t" + _fmt(float(qi)))
+    lines += ["\t".join(f"{float(f):.4f}" for f in freq), f"{smiles}\t{smiles}", f"{inchi}\t{inchi}", ""]
+    return "\n".join(lines)
+
+
 class QM9Xyz:
     """The raw QM9 release: a directory of ``dsgdb9nsd_*.xyz`` files or the ``dsgdb9nsd.xyz.tar.bz2`` tarball.
 
