@@ -68,8 +68,9 @@ def atom_patterns(mol) -> list[tuple[int, int, int, int]]:
                 n_arom += 1
             else:
                 val += int(round(b.GetBondTypeAsDouble()))
-        # hydrogens an input leaves implicit still bond: count them so both writing styles agree
-        val += atom.GetTotalNumHs(includeNeighbors=False)
+        # hydrogens stored as an atom property (e.g. [NH4+] before AddHs) are bonds too; implicit hydrogens that
+        # RDKit would invent for an under-bonded atom are deliberately not counted (that is what instability means)
+        val += atom.GetNumExplicitHs()
         out.append((atom.GetAtomicNum(), atom.GetFormalCharge(), n_arom, val))
     return out
 
