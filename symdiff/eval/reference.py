@@ -149,6 +149,10 @@ def edm_train_smiles(dataset: str, data_root: Optional[str] = None) -> Optional[
     from symdiff.eval.metrics import DATASET_SYMBOLS
 
     if data_root:
+        from symdiff.data.shards import read_manifest
+
+        if "train" not in read_manifest(data_root)["splits"]:
+            return None  # novelty is then reported as not computed
         key = "shards_" + _fingerprint(Path(data_root) / "manifest.json")
     else:
         key = "npz_" + _fingerprint(_qm9_npz(shared_data_dir()))
