@@ -317,3 +317,28 @@ def test_geom_split_is_leak_free_and_uses_midi_lists(shared_data, tmp_path):
             split_of_mol.setdefault(int(z["conf_mol_index"][cid]), set()).add(name)
     assert len(split_of_mol) == 10 and all(len(v) == 1 for v in split_of_mol.values())
     assert len({next(iter(v)) for v in split_of_mol.values()}) >= 2
+
+
+def test_geom_edm_permutation_split(geom_sample, tmp_path):
+    mols = _molecules(geom_sample)
+    path = tmp_path / "drugs_crude.msgpack"
+    with open(path, "wb") as f:
+        f.write(msgpack.packb({smi: {"conformers": [{"xyz": np.column_stack([z, x]).tolist(), "totalenergy": e}
+                                                    for z, x, _, e in confs]} for smi, confs in mols}))
+    read_order = [c for _, confs in mols for c in (confs[j] for j in np.argsort([c[3] for c in confs])[:10])]
+    m = len(read_order)
+    perm = np.random.default_rng(0).permutation(m)
+    np.save(tmp_path / "geom_permutation.npy", perm)
+    man = build("geom", path, tmp_path / "out", shard_size=8, conformers=10,
+                geom_permutation=tmp_path / "geom_permutation.npy")
+    assert man["split_method"] == "edm-permutation"
+    n_val = int(0.1 * m)
+    want = {"valid": perm[:n_val], "test": perm[n_val:2 * n_val], "train": perm[2 * n_val:]}
+    for split, idx in want.items():
+        got = read_split(tmp_path / "out", split)
+        assert len(got) == len(idx)
+        for k, i in enumerate(idx):
+            np.testing.assert_array_equal(got.molecule(k)[1], read_order[i][1])
+    np.save(tmp_path / "short.npy", perm[:-1])
+    with pytest.raises(DataError, match="not a permutation"):
+        build("geom", path, tmp_path / "o2", conformers=10, geom_permutation=tmp_path / "short.npy")
