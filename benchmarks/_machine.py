@@ -26,4 +26,6 @@ def machine() -> dict:
     import numpy
     return {"date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
             "cpu": cpu, "cores": os.cpu_count(), "mem_gib": mem, "python": platform.python_version(),
-            "numpy": numpy.__version__, "h5py": h5py.__version__, "host": platform.node()}
+            "numpy": numpy.__version__, "h5py": h5py.__version__, "host": platform.node(),
+            # other jobs on a shared machine slow every number down: record how busy it was
+            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}
