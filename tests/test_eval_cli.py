@@ -134,3 +134,32 @@ def test_geom_sample_both_protocols(shared_data, tmp_path):
     # the one conformer whose stored graph is fragmented (data README) is the only invalid one
     assert rev["connected"] == pytest.approx(502 / 503)
     assert rev["bond_sources"] == {"file": 503}
+
+
+def test_rdkit_written_sdf_with_aromatic_bonds_and_charges(tmp_path):
+    """An SDF as other tools write it: aromatic bond type 4, M  CHG charges, one record without bonds."""
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    path = tmp_path / "other_tool.sdf"
+    w = Chem.SDWriter(str(path))
+    w.SetKekulize(False)  # keep aromatic bonds as type 4
+    for smi in ("c1ccncc1C(=O)O", "[NH3+]CC(=O)[O-]", "c1ccccc1O", "[Na+].[Cl-]"):
+        m = Chem.AddHs(Chem.MolFromSmiles(smi))
+        AllChem.EmbedMolecule(m, randomSeed=7)
+        if smi == "c1ccccc1O":  # the third record carries atoms only
+            m = Chem.RWMol(m)
+            for b in list(m.GetBonds()):
+                m.RemoveBond(b.GetBeginAtomIdx(), b.GetEndAtomIdx())
+        w.write(m)
+    w.close()
+    out = tmp_path / "r.json"
+    assert main(["eval", "--samples", str(path), "--dataset", "geom", "--protocol", "revised", "--json", str(out),
+                 "--no-novelty"]) == 0
+    r = json.loads(out.read_text())
+    # Na is outside the GEOM alphabet: that record is excluded and counted; the other three are stable and valid
+    assert r["n_molecules"] == 4 and r["n_excluded"] == 1 and "Na" in r["excluded_examples"][0]["reason"]
+    assert r["mol_stability"] == pytest.approx(3 / 4) and r["validity"] == pytest.approx(3 / 4)
+    assert r["bond_sources"] == {"file": 2, "3d": 1}
+    # 6 aromatic bonds read from the pyridine record, 6 perceived by RDKit in the phenol assigned from 3D
+    assert r["n_aromatic_bonds"] == 12

@@ -86,6 +86,10 @@ def run(args: argparse.Namespace) -> int:
             file_bonds = bonds if args.bonds == "auto" else None
             results["revised"] = metrics.evaluate_revised_protocol(mols, args.dataset, file_bonds, train, table,
                                                                    include, reasons)
+    if args.no_novelty:
+        for r in results.values():
+            r["notes"] = [n if not n.startswith("novelty not computed") else "novelty skipped (--no-novelty)"
+                          for n in r["notes"]]
     elapsed = time.perf_counter() - t0
     primary = metrics.public(results[args.protocol])
     out = {**primary, "input": description, "elapsed_s": round(elapsed, 3)}

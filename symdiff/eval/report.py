@@ -108,18 +108,24 @@ def write_report(out: Path, mols: MoleculeSet, results: dict[str, dict], dataset
         bl = primary["_details"].bond_lengths
         arr = np.array(bl, dtype=np.float64).reshape(-1, 2)
         sample_lengths = {int(o): arr[arr[:, 0] == o, 1] for o in np.unique(arr[:, 0])}
-    orders = sorted(set(sample_lengths) | set(ref_lengths or {}))
+    def _has_data(v) -> bool:
+        return bool(np.sum(v[1]) > 0) if isinstance(v, tuple) else len(v) > 0
+
+    orders = sorted({o for o, v in sample_lengths.items() if _has_data(v)}
+                    | {o for o, v in (ref_lengths or {}).items() if _has_data(v)})
     fig, axes = plt.subplots(1, max(len(orders), 1), figsize=(4 * max(len(orders), 1), 3.5), squeeze=False)
     for ax, o in zip(axes[0], orders):
         edges = np.arange(0.8, 2.6, 0.01)
-        if o in sample_lengths and len(sample_lengths[o]):
+        if o in sample_lengths and np.isfinite(sample_lengths[o]).any():
             ax.hist(sample_lengths[o], bins=edges, density=True, alpha=0.6, label="evaluated")
         if ref_lengths and o in ref_lengths:
             r = ref_lengths[o]
             if isinstance(r, tuple):
                 centres, weights = r
-                ax.hist(centres, bins=edges, weights=weights, density=True, histtype="step", color="k",
-                        label="reference")
+                inside = (centres >= edges[0]) & (centres < edges[-1])
+                if weights[inside].sum() > 0:
+                    ax.hist(centres, bins=edges, weights=weights, density=True, histtype="step", color="k",
+                            label="reference")
             else:
                 ax.hist(r, bins=edges, density=True, histtype="step", color="k", label="reference")
         ax.set_title(f"{ORDER_NAMES.get(o, o)} bonds")
@@ -131,7 +137,8 @@ def write_report(out: Path, mols: MoleculeSet, results: dict[str, dict], dataset
 
     # molecule pictures: valid molecules drawn from their SMILES (revised graphs show real bond orders)
     pick = results.get("revised") or primary
-    smiles = [s for s, v in zip(pick["_details"].smiles, pick["_details"].valid) if v and s]
+    # distinct molecules first: a conformer set would otherwise fill the grid with one molecule
+    smiles = list(dict.fromkeys(s for s, v in zip(pick["_details"].smiles, pick["_details"].valid) if v and s))
     has_grid = _grid(smiles, out / "molecules.png")
 
     lines = [f"# Evaluation report ({dataset})", "", f"Input: {description}", "",
@@ -145,7 +152,7 @@ def write_report(out: Path, mols: MoleculeSet, results: dict[str, dict], dataset
     lines += ["", f"Reference for the histograms: {ref_desc}.", "",
               "![atom counts](atom_counts.png)", "", "![bond lengths](bond_lengths.png)", ""]
     if has_grid:
-        lines += [f"First {min(GRID_MOLECULES, len(smiles))} valid molecules ({pick['protocol']} protocol):", "",
+        lines += [f"First {min(GRID_MOLECULES, len(smiles))} distinct valid molecules ({pick['protocol']} protocol):", "",
                   "![molecules](molecules.png)", ""]
     else:
         lines += ["No valid molecule to draw.", ""]

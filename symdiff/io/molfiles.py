@@ -197,7 +197,9 @@ class MoleculeRecords:
     def __init__(self, mols: MoleculeSet, bonds: Optional[list[np.ndarray]] = None,
                  names: Optional[list[str]] = None) -> None:
         self.mols = mols
-        self.bonds = bonds  # rows (i, j, sdf_order) 0-based; None if the format has no bonds
+        # per molecule rows (i, j, sdf_order), 0-based, or None for a record without bonds;
+        # the whole list is None when no record has bonds
+        self.bonds = bonds
         self.names = names
 
 
@@ -246,7 +248,8 @@ def read_sdf_records(path: PathLike) -> MoleculeRecords:
             block = "\n".join(lines[i:end])
             zz, xx, qq, bb = _parse_v3000(block, where)
             has_bonds |= len(bb) > 0
-            zs.append(zz), xs.append(xx), qs.append(qq), bond_lists.append(bb), names.append(name)
+            zs.append(zz), xs.append(xx), qs.append(qq), bond_lists.append(bb if len(bb) else None)
+            names.append(name)
             ids.append(_id_from_title(name, rec))
             i, rec = end + 1, rec + 1
             continue
@@ -303,7 +306,8 @@ def read_sdf_records(path: PathLike) -> MoleculeRecords:
                     q[int(a) - 1] = int(v)
             elif ln.strip() == "$$$$":
                 break
-        zs.append(z), xs.append(x), qs.append(q), bond_lists.append(b), names.append(name)
+        # a record without a bond block has no graph (None), not an empty graph
+        zs.append(z), xs.append(x), qs.append(q), bond_lists.append(b if n_bonds else None), names.append(name)
         ids.append(_id_from_title(name, rec))
         rec += 1
     if not zs:
