@@ -13,7 +13,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -128,13 +127,12 @@ def _cached_set(name: str, build) -> set[str]:
     path = cache_dir() / f"{name}_v{CACHE_VERSION}_rdkit{rdBase.rdkitVersion}.txt.gz"
     if path.is_file():
         with gzip.open(path, "rt") as fh:
-            return {ln.rstrip("\n") for ln in fh}
+            return {ln.rstrip("\n") for ln in fh if ln.strip()}
     values = build()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as raw, gzip.open(raw, "wt") as fh:
-        fh.write("\n".join(sorted(values)) + "\n")
-    os.replace(tmp, path)
+    from symdiff.io.molfiles import _atomic_write_bytes
+
+    payload = gzip.compress(("\n".join(sorted(values)) + "\n").encode("utf-8"))
+    _atomic_write_bytes(path, lambda fh: fh.write(payload))
     return values
 
 

@@ -16,7 +16,6 @@ import argparse
 import gzip
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Optional
@@ -137,10 +136,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     table, stats = derive_from_smiles(smi, {"source": args.source or str(args.smiles)})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(table.to_json(), fh, indent=1)
-    os.replace(tmp, out)
+    from symdiff.io.molfiles import _atomic_write_text
+
+    _atomic_write_text(out, json.dumps(table.to_json(), indent=1) + "\n")
     print(json.dumps(stats))
     return 0
 

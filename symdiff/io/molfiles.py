@@ -80,6 +80,12 @@ def element_number(symbol: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------------- atomic writes
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write_bytes(path: PathLike, write) -> None:
     """Call ``write(fileobj)`` on a temp file in the target's directory, fsync, then rename over ``path``."""
     path = Path(path)
@@ -90,6 +96,8 @@ def _atomic_write_bytes(path: PathLike, write) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp creates 0600; give the file the permissions a plain open() would have
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
