@@ -80,7 +80,7 @@ class SwiGLU(nn.Module):
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 class Block(nn.Module):
@@ -107,8 +107,8 @@ class Block(nn.Module):
         # Modulation is per molecule: compute it on [B, H] and gather per atom (cheaper than per token).
         mod = self.adaLN(c).index_select(0, pk.mol)
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
-        x = x + g1 * self.attention(_modulate(self.norm1(x), sh1, sc1), pk, key_mask)
-        return x + g2 * self.mlp(_modulate(self.norm2(x), sh2, sc2))
+        x = torch.addcmul(x, g1, self.attention(_modulate(self.norm1(x), sh1, sc1), pk, key_mask))
+        return torch.addcmul(x, g2, self.mlp(_modulate(self.norm2(x), sh2, sc2)))
 
 
 class DiT(nn.Module):
