@@ -23,6 +23,8 @@ import numpy as np
 from symdiff.eval.valency import ValencyTable, atom_patterns
 
 CHARGE_TRIES = (0, 1, -1, 2, -2)
+# a safety net against pathological inputs (RDKit's default is unlimited); real molecules need far fewer
+MAX_BOND_ORDER_ITERATIONS = 1_000_000
 
 
 @dataclass
@@ -85,8 +87,8 @@ def assign_bonds_3d(z: np.ndarray, x: np.ndarray):
     for q in CHARGE_TRIES:
         mol = Chem.RWMol(base)
         try:
-            rdDetermineBonds.DetermineBondOrders(mol, charge=q)
-        except (ValueError, RuntimeError):
+            rdDetermineBonds.DetermineBondOrders(mol, charge=q, maxIterations=MAX_BOND_ORDER_ITERATIONS)
+        except Exception:  # noqa: BLE001 - RDKit raises several unrelated types here; any means "no assignment"
             continue
         return mol, q
     return None, None
