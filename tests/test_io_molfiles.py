@@ -132,3 +132,22 @@ def test_npz_rejects_foreign_file(tmp_path):
     np.savez(p, a=np.arange(3))
     with pytest.raises(DataError, match="not a symdiff sample file"):
         read_molecules(p)
+
+
+def test_v3000_records(tmp_path):
+    from rdkit import Chem
+    from rdkit.Chem import AllChem
+
+    m = Chem.AddHs(Chem.MolFromSmiles("C[NH3+]"))
+    AllChem.EmbedMolecule(m, randomSeed=3)
+    path = tmp_path / "v3.sdf"
+    w = Chem.SDWriter(str(path))
+    w.SetForceV3000(True)
+    w.write(m)
+    w.write(m)
+    w.close()
+    rec = read_records(path)
+    assert rec.mols.n_atoms.tolist() == [8, 8]
+    assert rec.mols.formal_charges[:8].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert len(rec.bonds[1]) == 7
+    np.testing.assert_allclose(rec.mols.positions[8:], m.GetConformer().GetPositions(), atol=1e-4)
