@@ -154,14 +154,18 @@ def test_bad_inputs_are_counted_and_reported():
     z, x = methane()
     nan_x = x.copy()
     nan_x[2, 0] = np.nan
-    ms = mset((z, x), (z, nan_x), (np.array([11, 17]), np.array([[0, 0, 0], [2.4, 0, 0]])))
+    no_atoms = (np.zeros(0, int), np.zeros((0, 3)))
+    ms = mset((z, x), (z, nan_x), (np.array([11, 17]), np.array([[0, 0, 0], [2.4, 0, 0]])), no_atoms)
     r = edm(ms)
-    assert r["n_molecules"] == 3 and r["n_excluded"] == 2
-    assert r["exclusions"] == {"non-finite coordinates (NaN or inf)": 1, "element outside the qm9 alphabet": 1}
+    assert r["n_molecules"] == 4 and r["n_excluded"] == 3
+    assert r["exclusions"] == {"non-finite coordinates (NaN or inf)": 1, "element outside the qm9 alphabet": 1,
+                               "no atoms": 1}
     assert "Cl, Na" in r["excluded_examples"][1]["reason"]
     # excluded molecules count as unstable and invalid: nothing is dropped from the denominators
-    assert r["mol_stability"] == pytest.approx(1 / 3) and r["validity"] == pytest.approx(1 / 3)
+    assert r["mol_stability"] == pytest.approx(1 / 4) and r["validity"] == pytest.approx(1 / 4)
     assert r["atom_stability"] == pytest.approx(5 / 12)
+    rv = metrics.evaluate_revised_protocol(ms, "qm9")
+    assert rv["n_excluded"] == 3 and rv["mol_stability"] == pytest.approx(1 / 4)
 
 
 def test_vectorised_rule_matches_pairwise_loop():

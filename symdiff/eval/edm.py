@@ -193,12 +193,10 @@ def evaluate_edm(atomic_numbers: np.ndarray, positions: np.ndarray, offsets: np.
 
     graphs = detect_bonds(atomic_numbers, positions, offsets, symbols, include)
     n_mols = len(offsets) - 1
-    mol_stable = np.zeros(n_mols, dtype=bool)
-    stable_counts = np.add.reduceat(graphs.atom_stable.astype(np.int64), offsets[:-1]) if len(
-        atomic_numbers) else np.zeros(n_mols, np.int64)
     n_atoms = np.diff(offsets)
-    # reduceat repeats a value for empty molecules; they are excluded anyway
-    mol_stable[:] = (stable_counts == n_atoms) & include & (n_atoms > 0)
+    owner = np.repeat(np.arange(n_mols), n_atoms)
+    stable_counts = np.bincount(owner, weights=graphs.atom_stable, minlength=n_mols)
+    mol_stable = (stable_counts == n_atoms) & include & (n_atoms > 0)
     smiles: list[Optional[str]] = [None] * n_mols
     RDLogger.DisableLog("rdApp.*")
     try:

@@ -158,8 +158,9 @@ def edm_train_smiles(dataset: str, data_root: Optional[str] = None) -> Optional[
     def build() -> set[str]:
         ref = load_reference("qm9", "train", data_root)
         m = ref.mols
-        include = np.isfinite(m.positions).all(axis=1)
-        include = np.logical_and.reduceat(include, m.offsets[:-1]) & (m.n_atoms > 0)
+        bad_atom = ~np.isfinite(m.positions).all(axis=1)
+        owner = np.repeat(np.arange(len(m)), m.n_atoms)
+        include = (np.bincount(owner, weights=bad_atom, minlength=len(m)) == 0) & (m.n_atoms > 0)
         graphs = detect_bonds(m.atomic_numbers, m.positions, m.offsets, DATASET_SYMBOLS["qm9"], include)
         out = set()
         for i in np.flatnonzero(include):

@@ -60,10 +60,15 @@ def _lengths_by_order(bonds: list, lengths: list) -> dict[int, np.ndarray]:
 
 
 def _grid(smiles: list[str], path: Path) -> bool:
-    from rdkit import Chem
+    from rdkit import Chem, RDLogger
     from rdkit.Chem import Draw
 
-    mols = [m for m in (Chem.MolFromSmiles(s) for s in smiles) if m is not None][:GRID_MOLECULES]
+    RDLogger.DisableLog("rdApp.*")
+    try:
+        mols = [m for m in (Chem.MolFromSmiles(s) for s in smiles[:4 * GRID_MOLECULES]) if m is not None]
+    finally:
+        RDLogger.EnableLog("rdApp.*")
+    mols = mols[:GRID_MOLECULES]
     if not mols:
         return False
     img = Draw.MolsToGridImage(mols, molsPerRow=4, subImgSize=(250, 250), legends=[f"#{i}" for i in range(len(mols))])
