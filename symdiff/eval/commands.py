@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
-log = logging.getLogger("symdiff.eval")
 
 ROWS = [("n_molecules", "molecules", "d"), ("atom_stability", "atom stability", "%"),
         ("mol_stability", "molecule stability", "%"), ("validity", "validity", "%"),
@@ -35,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "shipped one (see symdiff.eval.valency)")
 
 
-def _fmt(v, kind: str) -> str:
+def _fmt(v: object, kind: str) -> str:
     if v is None:
         return "-"
     return f"{v:d}" if kind == "d" else f"{100 * v:6.2f}"
@@ -52,7 +50,7 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _load_input(args):
+def _load_input(args: argparse.Namespace) -> tuple:
     from symdiff.eval.reference import load_reference
     from symdiff.io.molfiles import read_records
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import numpy as np
 
-from symdiff.data.elements import GEOM, QM9
+from symdiff.data.elements import GEOM, QM9, alphabet
 from symdiff.data.molecules import MoleculeSet
 
 DATASET_SYMBOLS = {"qm9": QM9.symbols, "geom": GEOM.symbols}
@@ -30,7 +30,7 @@ def screen(mols: MoleculeSet, dataset: str) -> tuple[np.ndarray, list[tuple[int,
     """(include mask, [(molecule index, reason)]) for the molecules the protocols cannot analyse."""
     from symdiff.io.molfiles import element_symbol
 
-    allowed = set(getattr(QM9 if dataset == "qm9" else GEOM, "atomic_numbers"))
+    allowed = set(alphabet(dataset).atomic_numbers)
     n = len(mols)
     include = np.ones(n, dtype=bool)
     reasons: list[tuple[int, str]] = []
