@@ -10,6 +10,6 @@ setup(
     # symdiff.kernels; mapping the folder here keeps a bare top-level `kernels` module out of site-packages.
     packages=find_packages(include=["symdiff", "symdiff.*"]) + ["symdiff.kernels"],
     package_dir={"symdiff.kernels": "kernels"},
-    package_data={"symdiff": ["data/bundled/*.npz", "data/bundled/*.md"]},
+    package_data={"symdiff": ["data/bundled/*.npz", "data/bundled/*.md", "eval/data/*.json"]},
     entry_points={"console_scripts": ["symdiff=symdiff.cli:main"]},
 )
