@@ -344,10 +344,96 @@ def convert_to_universal(tag_dir: Path) -> Path:
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise CheckpointError(f"{tag_dir}: universal checkpoint conversion failed:\n{res.stderr[-3000:]}")
+    _add_extra_optimizer_states(tag_dir, tmp)
     (tmp / MARKER).write_text(json.dumps({"source": tag_dir.name}))
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     return out
+
+
+# ds_to_universal (DeepSpeed 0.19.8) converts only exp_avg and exp_avg_sq; AdamW(amsgrad=True), the paper's
+# optimiser, also keeps max_exp_avg_sq. Without it a resumed run would silently restart the amsgrad maximum. We
+# rebuild such extra states from the original ZeRO shards and store them in the universal folder like the rest.
+_CONVERTED = ("exp_avg", "exp_avg_sq", "step")
+
+
+def _extra_optimizer_states(tag_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """{param name: {state key: full flat tensor}} for optimizer states ds_to_universal does not convert."""
+    optim_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                         key=lambda p: int(p.name.split("_")[3]))
+    if not optim_files:
+        return {}
+    parts: dict[str, dict[str, list[torch.Tensor]]] = {}
+    model_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
+                         key=lambda p: int(p.name.split("_")[3]))
+    stage3 = bool(model_files)
+    dp = len(optim_files)
+    numels: dict[str, int] = {}
+    for rank, f in enumerate(optim_files):
+        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        if stage3:
+            states = osd["optimizer_state_dict"]["state"]
+            shapes = torch.load(model_files[rank], map_location="cpu", weights_only=False)["param_shapes"]
+            for g, group_shapes in enumerate(shapes):
+                extra = {k: v for k, v in states[g].items() if k not in _CONVERTED and torch.is_tensor(v)
+                         and v.dim() == 1}
+                offset = 0
+                for name, shape in group_shapes.items():
+                    numel = int(np.prod(shape))
+                    part = -(-numel // dp)  # ZeRO-3 pads every parameter to dp equal parts
+                    numels[name] = numel
+                    for key, flat in extra.items():
+                        parts.setdefault(name, {}).setdefault(key, []).append(flat[offset:offset + part])
+                    offset += part
+        else:
+            states = osd["base_optimizer_state"]["state"]
+            for g, mapping in enumerate(osd["param_slice_mappings"]):
+                extra = {k: v for k, v in states[g].items() if k not in _CONVERTED and torch.is_tensor(v)
+                         and v.dim() == 1}
+                for name, frag in mapping.items():
+                    for key, flat in extra.items():
+                        parts.setdefault(name, {}).setdefault(key, []).append(
+                            flat[frag.start:frag.start + frag.numel])
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, by_key in parts.items():
+        for key, pieces in by_key.items():
+            full = torch.cat(pieces)
+            out.setdefault(name, {})[key] = full[:numels[name]] if stage3 else full
+    return out
+
+
+def _add_extra_optimizer_states(tag_dir: Path, universal: Path) -> None:
+    for name, by_key in _extra_optimizer_states(tag_dir).items():
+        pdir = universal / "zero" / name
+        template = torch.load(pdir / "exp_avg.pt", map_location="cpu", weights_only=False)
+        for key, full in by_key.items():
+            # Same layout as DeepSpeed's own files: {"param": tensor, ...} for ZeRO 1/2, a bare tensor for ZeRO-3.
+            if isinstance(template, dict):
+                blob: Any = dict(template)
+                blob["param"] = full.reshape(template["param"].shape).clone()
+            else:
+                blob = full.reshape(template.shape).clone()
+            torch.save(blob, pdir / f"{key}.pt")
+
+
+def _restore_extra_states_stage3(engine, universal: Path) -> None:
+    # DeepSpeed's ZeRO-3 universal loader reads only fp32/exp_avg/exp_avg_sq; set the others from our files.
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    z3 = engine.optimizer
+    keys = {f.stem for f in (universal / "zero").glob("*/*.pt")} - {"fp32", *_CONVERTED}
+    for flat in z3.fp32_partitioned_groups_flat:  # the loader rebuilt the state without these keys
+        for key in keys:
+            z3.optimizer.state[flat].setdefault(key, torch.zeros_like(flat))
+    for name, p in engine.module.named_parameters():
+        pdir = universal / "zero" / name
+        for f in sorted(pdir.glob("*.pt")):
+            key = f.stem
+            if key in ("fp32", *_CONVERTED):
+                continue
+            full = torch.load(f, map_location="cpu", weights_only=False)
+            full = full["param"] if isinstance(full, dict) else full
+            safe_set_full_optimizer_state(p, full.to(p.device).float(), key)
 
 
 def load_engine(engine, plan: ResumePlan) -> None:
@@ -360,6 +446,8 @@ def load_engine(engine, plan: ResumePlan) -> None:
                                      load_lr_scheduler_states=True)
     if path is None:
         raise CheckpointError(f"{plan.tag_dir}: DeepSpeed could not load the checkpoint")
+    if plan.universal and int(engine.zero_optimization_stage()) == 3:
+        _restore_extra_states_stage3(engine, universal_dir(plan.tag_dir))
 
 
 def load_rank_state(tag_dir: Path, rank: int) -> Optional[dict[str, Any]]:

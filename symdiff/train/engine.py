@@ -70,7 +70,10 @@ def deepspeed_config(cfg: DictConfig, world_size: int, *, load_universal: bool =
         # bf16 has no loss scaler to notice inf/NaN gradients; ask for the check so the guard can skip them
         ds["bf16"]["check_grad_overflow"] = True
     if stage == 3:
-        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False})
+        # overlap_comm off on CPU: with it on, ZeRO-3 gradients differed run to run in the last bits (measured), which
+        # breaks bitwise resume; there is no copy stream to overlap with on CPU anyway.
+        ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False,
+                                        "overlap_comm": torch.cuda.is_available()})
     if int(t.warmup_steps) > 0:
         ds["scheduler"] = {"type": "WarmupLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": float(t.lr), "warmup_num_steps": int(t.warmup_steps),
