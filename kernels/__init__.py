@@ -41,13 +41,26 @@ def com_project_rotate(x: torch.Tensor, mask: torch.Tensor, R: torch.Tensor | No
     return com_project_rotate_ref(x, mask, R, transpose)
 
 
+def com_project_rotate_varlen(x: torch.Tensor, offsets: torch.Tensor, R: torch.Tensor | None,
+                              backend: str = "auto", transpose: bool = False) -> torch.Tensor:
+    """Packed form of ``com_project_rotate``: x [total, 3], molecule b owns rows offsets[b]:offsets[b+1]."""
+    if _use_triton(backend, x):
+        from .com import com_project_rotate_varlen_triton
+        return com_project_rotate_varlen_triton(x, offsets, R, transpose)
+    return com_project_rotate_varlen_ref(x, offsets, R, transpose)
+
+
 def batched_qr(M: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """Orthogonal factor of each 3x3 M (sign-fixed so the triangular factor has a positive diagonal)."""
+    """Orthogonal factor of each 3x3 M (sign-fixed so the triangular factor has a positive diagonal).
+
+    Near-singular M (a Gram-Schmidt column norm <= 1e-12 * max|M|): the fused kernel completes Q
+    deterministically and keeps it orthogonal (see ``kernels/qr.py`` and docs/kernels.md).
+    """
     if _use_triton(backend, M):
         from .qr import batched_qr_triton
         return batched_qr_triton(M)
     return batched_qr_ref(M)
 
 
-__all__ = ["gaussian_embedding", "com_project_rotate", "batched_qr", "masked_mean", "BACKENDS",
-           "gaussian_embedding_ref", "com_project_rotate_ref", "com_project_rotate_varlen_ref", "batched_qr_ref"]
+__all__ = ["gaussian_embedding", "com_project_rotate", "com_project_rotate_varlen", "batched_qr", "masked_mean",
+           "BACKENDS", "gaussian_embedding_ref", "com_project_rotate_ref", "com_project_rotate_varlen_ref", "batched_qr_ref"]
