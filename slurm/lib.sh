@@ -89,6 +89,14 @@ symdiff_train_with_requeue() {
         symdiff_log "training finished"
         return 0
     fi
+    # A task killed by USR1 itself (srun reports 128+USR1) got the signal before the trainer had installed its
+    # handler, i.e. during start-up: nothing was trained since the last complete checkpoint, so requeueing
+    # resumes exactly as after a checkpointed stop.
+    local killed_by_usr1=$((128 + $(kill -l USR1)))
+    if [ "$rc" -eq "$killed_by_usr1" ]; then
+        symdiff_log "signal arrived during start-up (exit code $rc): resuming from the last complete checkpoint"
+        rc=$code
+    fi
     if [ "$rc" -ne "$code" ]; then
         symdiff_log "training failed with exit code $rc (not requeued)"
         return "$rc"

@@ -148,37 +148,52 @@ def test_training_job_trains_checkpoints_and_finishes(uninterrupted: tuple[Path,
     assert len(list((run_dir / "checkpoints" / "step_00000200").glob("zero_pp_rank_*optim_states.pt"))) == 2
 
 
+def wait_restarts(slurm: SlurmCluster, job: str, n: int, deadline: float, run_dir: Path) -> None:
+    import time
+
+    while int(slurm.job_info(job).get("Restarts", "0")) < n:
+        assert time.monotonic() < deadline, f"not requeued: {slurm.job_info(job)}\n{job_log(run_dir)}"
+        time.sleep(0.5)
+
+
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(
         slurm: SlurmCluster, train_config: Path, uninterrupted: tuple[Path, dict[str, str]]) -> None:
+    """Two preemptions: one during start-up (before the trainer can catch USR1), one in mid-training."""
     import time
 
     import torch
 
     run_dir = train_config.parent / "run_preempted"
     job = submit_training(slurm, train_config, run_dir)
-    # Signal once training is under way (the trainer's handler is installed) and well before the end.
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 400
+    # 1) As soon as the training step (srun) exists: the tasks are still importing torch and DeepSpeed.
+    while not slurm.run("squeue", "-h", "-s", "-j", job, "-o", "%i", check=False).stdout.strip():
+        assert time.monotonic() < deadline, f"no job step: {slurm.job_info(job)}\n{job_log(run_dir)}"
+        time.sleep(0.1)
+    slurm.run("scancel", "--signal=USR1", job)
+    wait_restarts(slurm, job, 1, deadline, run_dir)
+    # 2) In mid-training: the trainer finishes its step and checkpoints on both ranks.
     while not metrics(run_dir) or metrics(run_dir)[-1]["step"] < 5:
         assert time.monotonic() < deadline, f"training never started: {slurm.job_info(job)}\n{job_log(run_dir)}"
         assert slurm.job_info(job).get("JobState") in ("PENDING", "RUNNING"), job_log(run_dir)
         time.sleep(0.2)
     slurm.run("scancel", "--signal=USR1", job)
-    while slurm.job_info(job).get("Restarts", "0") == "0":
-        assert time.monotonic() < deadline, f"not requeued: {slurm.job_info(job)}\n{job_log(run_dir)}"
-        time.sleep(0.5)
+    wait_restarts(slurm, job, 2, deadline, run_dir)
     info = slurm.wait_job(job, timeout=300)
     log = job_log(run_dir)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "2", log
 
     from symdiff.train import checkpoint as ckpt
 
-    # The stop happened mid-run: a checkpoint at the step the signal was honoured, off the periodic schedule.
+    # The second stop happened mid-run: a checkpoint at the step the signal was honoured, off the schedule.
     saved = [s for s, _ in ckpt.complete_checkpoints(run_dir / "checkpoints")]
     stopped_at = [s for s in saved if s not in (100, 200)]
     assert len(stopped_at) == 1 and 5 <= stopped_at[0] < TRAIN_STEPS, saved
-    # One appended log holds both starts (job <id>.<restart>), and the requeue decision between them.
-    assert f"job {job}.0]" in log and f"job {job}.1]" in log
-    assert log.index(f"requeueing job {job}") < log.index(f"job {job}.1]")
+    # One appended log holds all three starts (job <id>.<restart>) and the requeue decisions between them.
+    assert "signal arrived during start-up" in log and "exiting with code 75 for requeue" in log
+    for restart in (1, 2):
+        assert log.index(f"job {job}.{restart - 1}] checkpointed after a signal: requeueing") < \
+            log.index(f"job {job}.{restart}] nodes=1")
     assert log.count("training finished") == 1
 
     # Same trajectory and the same final parameters (and EMA) as the uninterrupted run, to the bit.
