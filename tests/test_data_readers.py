@@ -128,7 +128,7 @@ def test_xyz_directory_builds_the_same_molecules_as_the_npz(subset, tmp_path):
 
 def test_xyz_tarball_matches_directory(subset, tmp_path):
     _, recs = _pick(subset)
-    d = _write_xyz_dir(tmp_path / "xyz", recs, with_excluded=False)
+    d = _write_xyz_dir(tmp_path / "xyz", recs)  # with an excluded molecule and uncharacterized.txt
     tar = tmp_path / "dsgdb9nsd.xyz.tar.bz2"
     with tarfile.open(tar, "w:bz2") as tf:
         for p in sorted(d.iterdir()):
@@ -137,7 +137,8 @@ def test_xyz_tarball_matches_directory(subset, tmp_path):
     assert cli_main(["data", "build", "--dataset", "qm9", "--source", str(tar), "--out", str(tmp_path / "b"),
                      "--shard-size", "25"]) == 0
     ma, mb = read_manifest(tmp_path / "a"), read_manifest(tmp_path / "b")
-    assert mb["source_format"] == "qm9-xyz-tar"
+    assert mb["source_format"] == "qm9-xyz-tar" and mb["excluded_files_seen"] == 1
+    assert mb["xyz_files_seen"] == len(recs) + 1
     assert ma["splits"] == mb["splits"]  # same shards, byte for byte (sha256)
 
 

@@ -79,7 +79,6 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
         if comm is not None:
             comm.Barrier()
         src = open_source(dataset, Path(source), shard_size=shard_size, **source_kw)
-        info = src.describe()
         for key, by_split in src.iter_parts(rank, world):
             for split, mols in by_split.items():
                 where = f"{source} ({split})"
@@ -91,6 +90,7 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
                     entries.append((split, key, j, {"path": rel, **e}))
                     log.info("rank %d wrote %s (%d molecules)", rank, rel, len(part))
         has_charges = getattr(src, "has_formal_charges", False)
+        info = src.describe()  # after reading: streamed sources only know what they saw at the end
     except UserError as exc:
         error, has_charges = str(exc), False
     except BaseException as exc:

@@ -200,9 +200,10 @@ def format_xyz(mol_id: int, z: np.ndarray, x: np.ndarray, *, properties: Optiona
 class QM9Xyz:
     """The raw QM9 release: a directory of ``dsgdb9nsd_*.xyz`` files or the ``dsgdb9nsd.xyz.tar.bz2`` tarball.
 
-    Ids come from the file names; molecules in QM9's uncharacterized list (``uncharacterized.txt`` beside the
-    files, or inside the tarball, else the shipped copy) are excluded. A part is ``shard_size`` consecutive ids of
-    the full split, so a build from the raw files has the same shards as one from ``qm9.npz``.
+    Ids come from the file names; molecules in QM9's uncharacterized list are excluded (an ``uncharacterized.txt``
+    beside the files or inside the tarball is checked against the shipped copy). Part ``k`` is ``shard_size``
+    consecutive ids of the full EDM split, a function of the id alone: a build from the raw files has the same shards
+    as one from ``qm9.npz``, and the tarball is read in one streaming pass (bzip2 has no random access).
     """
 
     dataset = "qm9"
@@ -212,83 +213,86 @@ class QM9Xyz:
         self.path = Path(path)
         self.shard_size = shard_size
         self.is_tar = self.path.is_file()
-        if self.is_tar:
-            try:
-                # Listing a .tar.bz2 means decompressing it; names only, each rank once.
-                with tarfile.open(self.path, "r:*") as tf:
-                    self.members = {}
-                    unc = None
-                    for m in tf:
-                        hit = _XYZ_NAME.search(m.name)
-                        if hit and m.isfile():
-                            self.members[int(hit.group(1))] = m.name
-                        elif m.name.endswith("uncharacterized.txt"):
-                            unc = tf.extractfile(m).read().decode()
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                raise DataError(f"{self.path}: cannot read tarball: {exc}") from exc
-            if unc is not None:
-                exc_ids = parse_uncharacterized(unc, f"{self.path}:uncharacterized.txt")
-            else:
-                exc_ids = None
-        else:
+        self.n_excluded = 0
+        self.n_files = 0
+        self.chunks_before = np.cumsum([0] + [-(-n // shard_size) for n in SPLIT_SIZES])
+        if not self.is_tar:
             self.members = {}
             for p in self.path.glob("dsgdb9nsd_*.xyz"):
                 hit = _XYZ_NAME.search(p.name)
                 if hit:
-                    self.members[int(hit.group(1))] = str(p)
-            unc_path = self.path / "uncharacterized.txt"
-            exc_ids = parse_uncharacterized(unc_path.read_text(), str(unc_path)) if unc_path.is_file() else None
-        if not self.members:
-            raise DataError(f"{self.path}: no dsgdb9nsd_*.xyz files found")
-        if exc_ids is not None and len(exc_ids) != N_EXCLUDED:
-            raise DataError(f"{self.path}: uncharacterized.txt lists {len(exc_ids)} ids, QM9 has {N_EXCLUDED}")
-        if exc_ids is not None and not np.array_equal(np.sort(exc_ids), excluded_ids()):
-            raise DataError(f"{self.path}: uncharacterized.txt differs from QM9's list of excluded molecules")
-        ids = np.array(sorted(self.members), dtype=np.int64)
+                    self.members[int(hit.group(1))] = p
+            if not self.members:
+                raise DataError(f"{self.path}: no dsgdb9nsd_*.xyz files found")
+            unc = self.path / "uncharacterized.txt"
+            if unc.is_file():
+                self._check_uncharacterized(unc.read_text(), str(unc))
+
+    def _check_uncharacterized(self, text: str, where: str) -> None:
+        ids = parse_uncharacterized(text, where)
+        if len(ids) != N_EXCLUDED or not np.array_equal(np.sort(ids), excluded_ids()):
+            raise DataError(f"{where}: lists {len(ids)} ids that differ from QM9's {N_EXCLUDED} excluded molecules")
+
+    def describe(self) -> dict:
+        return {"source": str(self.path), "source_format": "qm9-xyz-tar" if self.is_tar else "qm9-xyz-dir",
+                "split_method": "edm", "excluded_files_seen": self.n_excluded, "xyz_files_seen": self.n_files}
+
+    def _keys(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(part key, split index) per id; key -1 for excluded ids."""
         bad = ids[(ids < 1) | (ids > N_QM9_FILES)]
         if len(bad):
             raise DataError(f"{self.path}: file id {int(bad[0])} outside QM9's 1..{N_QM9_FILES}")
         split, pos = split_positions(ids)
-        self.n_excluded = int((split < 0).sum())
-        self.ids, self.split, self.pos = ids[split >= 0], split[split >= 0], pos[split >= 0]
-
-    def describe(self) -> dict:
-        return {"source": str(self.path), "source_format": "qm9-xyz-tar" if self.is_tar else "qm9-xyz-dir",
-                "split_method": "edm", "excluded_files_seen": self.n_excluded}
-
-    def parts(self) -> list[tuple[int, str, np.ndarray]]:
-        out = []
-        key = 0
-        for s, name in enumerate(SPLITS):
-            sel = self.split == s
-            ids, chunk = self.ids[sel], self.pos[sel] // self.shard_size
-            n_chunks = -(-SPLIT_SIZES[s] // self.shard_size)
-            for c in range(n_chunks):
-                mine = ids[chunk == c]
-                if len(mine):
-                    out.append((key, name, mine))
-                key += 1
-        return out
+        key = np.where(split >= 0, self.chunks_before[np.maximum(split, 0)] + pos // self.shard_size, -1)
+        return key, split
 
     def iter_parts(self, rank: int, world: int) -> Iterator[tuple[int, dict[str, MoleculeSet]]]:
-        mine = [p for p in self.parts() if p[0] % world == rank]
-        want = {int(i) for _, _, ids in mine for i in ids}
-        texts: dict[int, str] = {}
+        texts: dict[int, tuple[str, str]] = {}  # id -> (where, text) of this rank's molecules
         if self.is_tar:
-            with tarfile.open(self.path, "r:*") as tf:
-                for m in tf:
-                    hit = _XYZ_NAME.search(m.name)
-                    if hit and int(hit.group(1)) in want:
-                        texts[int(hit.group(1))] = tf.extractfile(m).read().decode()
-        for key, name, ids in mine:
+            key_of = np.concatenate([[-1], self._keys(np.arange(1, N_QM9_FILES + 1))[0]])
+            try:
+                with tarfile.open(self.path, "r|*") as tf:
+                    for m in tf:
+                        hit = _XYZ_NAME.search(m.name)
+                        if m.name.endswith("uncharacterized.txt"):
+                            self._check_uncharacterized(tf.extractfile(m).read().decode(),
+                                                        f"{self.path}:{m.name}")
+                        if not (hit and m.isfile()):
+                            continue
+                        i = int(hit.group(1))
+                        self.n_files += 1
+                        if not 1 <= i <= N_QM9_FILES:
+                            raise DataError(f"{self.path}: file id {i} outside QM9's 1..{N_QM9_FILES}")
+                        k = key_of[i]
+                        if k < 0:
+                            self.n_excluded += 1
+                        elif k % world == rank:
+                            texts[i] = (f"{self.path}:{m.name}", tf.extractfile(m).read().decode())
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise DataError(f"{self.path}: cannot read tarball: {exc}") from exc
+            if self.n_files == 0:
+                raise DataError(f"{self.path}: no dsgdb9nsd_*.xyz files in the tarball")
+            ids = np.array(sorted(texts), dtype=np.int64)
+        else:
+            all_ids = np.array(sorted(self.members), dtype=np.int64)
+            self.n_files = len(all_ids)
+            key, _ = self._keys(all_ids)
+            self.n_excluded = int((key < 0).sum())
+            ids = all_ids[(key >= 0) & (key % world == rank)]
+        key, split = self._keys(ids)
+        for k in np.unique(key):
+            sel = ids[key == k]  # ascending ids = the order of the split list
             zs, xs = [], []
-            for i in ids:
+            for i in sel:
                 i = int(i)
-                src = f"{self.path}:{self.members[i]}" if self.is_tar else self.members[i]
-                text = texts.pop(i) if self.is_tar else Path(src).read_text()
-                mol_id, z, x = parse_xyz(text, src)
+                if self.is_tar:
+                    where, text = texts.pop(i)
+                else:
+                    where = str(self.members[i])
+                    text = self.members[i].read_text()
+                mol_id, z, x = parse_xyz(text, where)
                 if mol_id != i:
-                    raise DataError(f"{src}: header says gdb {mol_id} but the file name says {i}")
+                    raise DataError(f"{where}: header says gdb {mol_id} but the file name says {i}")
                 zs.append(z)
                 xs.append(x)
-            yield key, {name: MoleculeSet.from_lists(zs, xs, [int(i) for i in ids])}
+            yield int(k), {SPLITS[int(split[key == k][0])]: MoleculeSet.from_lists(zs, xs, [int(i) for i in sel])}
