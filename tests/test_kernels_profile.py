@@ -1,0 +1,62 @@
+"""`symdiff profile` on CPU: reference vs compiled reference, table and JSON (the Triton rows say why skipped)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from symdiff.cli import main
+
+
+def test_profile_cpu_table_and_json(tmp_path, capsys):
+    out = tmp_path / "prof" / "kernels.json"
+    rc = main(["profile", "--kernels", "com,qr", "--shapes", "qm9", "--batch", "4", "--min-run-time", "0.01",
+               "--device", "cpu", "--json", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "median ms" in text and "skipped: Triton kernels need a GPU" in text and "ceilings on CPU" in text
+    rep = json.loads(out.read_text())
+    assert rep["device"].startswith("CPU") and rep["torch"] and rep["date"]
+    assert rep["ceilings"]["copy_GBps"] > 0 and rep["ceilings"]["matmul_fp32_TFLOPs"] > 0
+    rows = rep["results"]
+    assert [(r["kernel"], r["mode"]) for r in rows] == [("com", "fwd"), ("com", "fwd+bwd"), ("qr", "fwd"),
+                                                       ("qr", "fwd+bwd")]
+    for r in rows:
+        assert r["B"] == 4
+        v = r["variants"]
+        assert "GPU" in v["triton"]["skipped"]
+        for name in ("eager", "compiled"):
+            m = v[name]
+            assert 0 < m["p20_ms"] <= m["median_ms"] <= m["p80_ms"]
+            # the rates are the analytic byte / flop counts over the measured median
+            assert m["GBps"] == pytest.approx(r["bytes"] / (m["median_ms"] * 1e-3) / 1e9)
+            assert m["frac_copy_bw"] == pytest.approx(m["GBps"] / rep["ceilings"]["copy_GBps"])
+            assert m["peak_MB"] is not None and m["peak_MB"] >= 0
+
+
+def test_profile_gaussian_cpu_caps_the_reference_batch(tmp_path):
+    out = tmp_path / "g.json"
+    assert main(["profile", "--kernels", "gaussian", "--shapes", "geom", "--num-gaussians", "16", "--no-compile",
+                 "--max-ref-gb", "0.02", "--min-run-time", "0.01", "--device", "cpu", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    r = rep["results"][0]
+    # 6 * N^2 * K * 4 bytes per molecule: 0.02 GB fits 1 molecule of 181 atoms with K = 16
+    assert (r["B"], r["N"], r["K"]) == (1, 181, 16)
+    assert any("B reduced 64 -> 1" in n for n in rep["notes"])
+    assert r["variants"]["compiled"] == {"skipped": "--no-compile"}
+    # the reference materialises N*N*K: its peak memory is at least one such block
+    assert r["variants"]["eager"]["peak_MB"] >= 181 * 181 * 16 * 4 / 2**20
+
+
+def test_profile_bad_input_is_a_user_error(capsys):
+    assert main(["profile", "--kernels", "gaussian,fft"]) == 1
+    assert "unknown fft" in capsys.readouterr().err
+    assert main(["profile", "--batch", "0"]) == 1
+
+
+def test_tools_wrapper_shows_help(repo_root):
+    res = subprocess.run([sys.executable, str(repo_root / "tools" / "profile_kernels.py"), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "--json" in res.stdout
