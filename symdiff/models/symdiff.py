@@ -363,7 +363,7 @@ class SymDiffModel(nn.Module):
         Z = torch.where(mask, self.class_to_z[cls], torch.zeros_like(cls))
         return x * self.norm_x, Z
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def sample(self, n_atoms: torch.Tensor, steps: Optional[int] = None, progress: Any = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ancestral sampling for molecules of the given sizes; ``steps`` < T strides the time grid.
