@@ -169,3 +169,21 @@ def test_equivariance_in_distribution_without_coupling():
     assert a.std(0).max() > 1e-2  # the draws do vary
     # 15 coordinates: |z| < 4.5 for all of them holds with probability > 0.9999 under the null.
     assert zscores.abs().max() < 4.5, zscores
+
+
+def test_official_composition_order_is_not_equivariant():
+    """SPEC D2: R = Qf R0^T (the official code) breaks the pathwise property that R = R0 Qf satisfies."""
+    model = make_model("symdiff")
+    z, mask = state()
+    B, N = mask.shape
+    g = rotation("rotation")
+    t = torch.tensor([0.4, 0.8, 0.05], dtype=torch.float64)
+    R0 = haar_o3(B, dtype=torch.float64)
+    eta = torch.randn(B, N, 3, dtype=torch.float64)
+    with torch.no_grad():
+        R = model.gamma(z[..., :3], mask, t, R0=R0, eta=eta)
+        Rg = model.gamma(act(g, z)[..., :3], mask, t, R0=g @ R0, eta=eta)
+    Qf, Qf_g = R0.transpose(1, 2) @ R, (g @ R0).transpose(1, 2) @ Rg
+    torch.testing.assert_close(Qf_g, Qf, atol=1e-9, rtol=0)  # f sees the same input in both frames
+    official, official_g = Qf @ R0.transpose(1, 2), Qf_g @ (g @ R0).transpose(1, 2)
+    assert (official_g - g @ official).abs().max() > 0.1
