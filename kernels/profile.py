@@ -364,7 +364,7 @@ def _fmt(x: Any, spec: str) -> str:
 
 
 def _format_rows(rows: list[dict[str, Any]], header: bool) -> str:
-    cols = f"{'kernel':<9}{'shape':<7}{'B':>6}{'N':>5}{'mode':>9} {'variant':<9}{'median ms':>10}{'p20-p80 ms':>18}" \
+    cols = f"{'kernel':<9}{'shape':<7}{'B':>6}{'N':>5}{'mode':>9} {'variant':<9}{'median ms':>11} {'p20-p80 ms':<19}" \
            f"{'GB/s':>9}{'%copy':>7}{'GFLOP/s':>10}{'%mm':>6}{'peak MB':>9}{'x eager':>8}{'x comp':>7}"
     lines = [cols, "-" * len(cols)] if header else []
     for r in rows:
@@ -373,9 +373,10 @@ def _format_rows(rows: list[dict[str, Any]], header: bool) -> str:
             if "median_ms" not in m:
                 lines.append(lead + f"skipped: {m['skipped'][:70]}")
                 continue
-            lines.append(lead + f"{m['median_ms']:>10.4f}{m['p20_ms']:>9.4f}-{m['p80_ms']:<8.4f}"
+            spread = f"{m['p20_ms']:.4g}-{m['p80_ms']:.4g}"
+            lines.append(lead + f"{m['median_ms']:>11.4g} {spread:<18}"
                          f"{m['GBps']:>9.2f}{100 * m['frac_copy_bw']:>6.1f}%{m['GFLOPs']:>10.1f}"
-                         f"{100 * m['frac_matmul']:>5.1f}%{_fmt(m.get('peak_MB'), '9.2f'):>9}"
+                         f"{100 * m['frac_matmul']:>5.1f}%{_fmt(m.get('peak_MB'), '9.3f'):>9}"
                          f"{_fmt(m.get('speedup_vs_eager'), '8.2f'):>8}{_fmt(m.get('speedup_vs_compiled'), '7.2f'):>7}")
     return "\n".join(lines)
 
@@ -402,6 +403,9 @@ def _write_json(path: Path, report: dict[str, Any]) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(report, fh, indent=1)
             fh.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a results file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
