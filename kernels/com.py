@@ -13,8 +13,16 @@ import triton.language as tl
 
 from ._common import check_launchable, compute_dtype, new_empty, tl_dtype
 
-BLOCK_ROWS = 256  # a GEOM molecule (<= 181 atoms) fits one tile, so each pass is a single masked load
-NUM_WARPS = 4
+# Rows per tile: a GEOM molecule (<= 181 atoms) fits one tile, so each pass is a single masked load. Padded
+# batches use the next power of two of N instead (a QM9 molecule would leave 7/8 of a 256-row tile idle);
+# packed batches do not know their largest molecule without a device sync, so they keep the full tile.
+BLOCK_ROWS = 256
+
+
+def _tile(N: int | None) -> tuple[int, int]:
+    """(rows per tile, warps) for molecules of at most N rows (None: unknown, packed layout)."""
+    block = BLOCK_ROWS if N is None else max(16, min(BLOCK_ROWS, triton.next_power_of_2(max(N, 1))))
+    return block, max(1, min(4, block // 64))
 
 
 @triton.jit
@@ -172,10 +180,11 @@ def _launch_fwd(x: torch.Tensor, m: torch.Tensor | None, offsets: torch.Tensor |
     if n_mol == 0 or x.numel() == 0:
         return y.zero_()
     dummy = x  # never dereferenced: the constexpr flags compile the corresponding loads out
+    block, warps = _tile(N if offsets is None else None)
     _com_fwd_kernel[(n_mol,)](x, m if m is not None else dummy, offsets if offsets is not None else dummy,
                               R if R is not None else dummy, y, N, HAS_MASK=m is not None,
                               VARLEN=offsets is not None, HAS_R=R is not None, TRANSPOSE=bool(transpose),
-                              BLOCK=BLOCK_ROWS, DT=tl_dtype(x.dtype), num_warps=NUM_WARPS)
+                              BLOCK=block, DT=tl_dtype(x.dtype), num_warps=warps)
     return y
 
 
@@ -184,10 +193,11 @@ def _launch_grad_r(x, m, offsets, g, transpose, n_mol, N) -> torch.Tensor:
     if n_mol == 0:
         return gR
     dummy = x
+    block, warps = _tile(N if offsets is None else None)
     _com_grad_r_kernel[(n_mol,)](x, m if m is not None else dummy, offsets if offsets is not None else dummy,
                                  g, gR, N, HAS_MASK=m is not None, VARLEN=offsets is not None,
-                                 TRANSPOSE=bool(transpose), BLOCK=BLOCK_ROWS, DT=tl_dtype(x.dtype),
-                                 num_warps=NUM_WARPS)
+                                 TRANSPOSE=bool(transpose), BLOCK=block, DT=tl_dtype(x.dtype),
+                                 num_warps=warps)
     return gR
 
 
@@ -244,5 +254,10 @@ def com_project_rotate_varlen_triton(x: torch.Tensor, offsets: torch.Tensor, R: 
                          f"{tuple(x.shape)} and {tuple(offsets.shape)}")
     n_mol = offsets.numel() - 1
     _check_R(R, n_mol, "com_project_rotate_varlen")
+    if offsets.device.type == "cpu":  # checking device-resident offsets would cost a sync on every call
+        counts = offsets[1:] - offsets[:-1]
+        if n_mol and (int(offsets[0]) < 0 or bool((counts < 0).any()) or int(offsets[-1]) > x.shape[0]):
+            raise ValueError(f"com_project_rotate_varlen: offsets must be non-decreasing within [0, {x.shape[0]}], "
+                             f"got {offsets.tolist()[:8]}{' ...' if offsets.numel() > 8 else ''}")
     offs = offsets.to(device=x.device, dtype=torch.int64).contiguous()
     return ComProjectRotateFn.apply(x, None, offs, R, transpose, n_mol, 0)

@@ -108,3 +108,7 @@ def test_shape_errors_name_the_problem():
         com_project_rotate_triton(x, mask, torch.eye(3), False)
     with pytest.raises(ValueError, match="offsets"):
         com_project_rotate_varlen_triton(x, torch.tensor([0, 4]), None)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        com_project_rotate_varlen_triton(torch.randn(5, 3), torch.tensor([0, 3, 2, 5]), None)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        com_project_rotate_varlen_triton(torch.randn(5, 3), torch.tensor([0, 3, 6]), None)

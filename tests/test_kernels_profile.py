@@ -60,3 +60,24 @@ def test_tools_wrapper_shows_help(repo_root):
     res = subprocess.run([sys.executable, str(repo_root / "tools" / "profile_kernels.py"), "--help"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--json" in res.stdout
+
+
+def test_gpu_row_comparisons_and_targets():
+    # the GPU-only bookkeeping, fed with fixed numbers (no GPU here to produce them)
+    from symdiff.kernels.profile import _add_comparisons, _format_rows
+
+    def m(ms, frac):
+        return {"median_ms": ms, "p20_ms": ms * 0.9, "p80_ms": ms * 1.1, "GBps": 1.0, "frac_copy_bw": frac,
+                "GFLOPs": 1.0, "frac_matmul": 0.1, "peak_MB": 2.0}
+    row = {"kernel": "com", "shape": "stream", "B": 16384, "N": 29, "K": None, "mode": "fwd", "memory_bound": True,
+           "variants": {"eager": m(3.0, 0.2), "compiled": m(1.2, 0.5), "triton": m(1.0, 0.72)}}
+    _add_comparisons(row, 3e-7)
+    tri = row["variants"]["triton"]
+    assert tri["speedup_vs_eager"] == pytest.approx(3.0) and tri["speedup_vs_compiled"] == pytest.approx(1.2)
+    assert tri["targets_met"] == {"speedup_vs_eager": True, "speedup_vs_compiled": False, "frac_copy_bw": True}
+    assert tri["max_abs_err_vs_ref_fwd"] == 3e-7
+    text = _format_rows([row], header=True)
+    assert "triton" in text and "3.00" in text and "1.20" in text and "72.0%" in text
+    row["memory_bound"] = False
+    _add_comparisons(row, None)
+    assert "frac_copy_bw" not in row["variants"]["triton"]["targets_met"]
