@@ -140,6 +140,11 @@ def test_xyz_tarball_matches_directory(subset, tmp_path):
     assert mb["source_format"] == "qm9-xyz-tar" and mb["excluded_files_seen"] == 1
     assert mb["xyz_files_seen"] == len(recs) + 1
     assert ma["splits"] == mb["splits"]  # same shards, byte for byte (sha256)
+    cut = tmp_path / "cut.tar.bz2"
+    cut.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    with pytest.raises(DataError, match="cannot read tarball"):
+        build("qm9", cut, tmp_path / "c", shard_size=25)
+    assert not (tmp_path / "c").exists()
 
 
 def test_malformed_xyz_is_named(subset, tmp_path):

@@ -197,6 +197,22 @@ def format_xyz(mol_id: int, z: np.ndarray, x: np.ndarray, *, properties: Optiona
     return "\n".join(lines)
 
 
+def _open_compressed(path: Path):
+    """A buffered, decompressed stream of a (.bz2 / .gz / plain) tarball: much faster than tarfile's own "r|*"."""
+    import bz2
+    import gzip
+    import io
+    with open(path, "rb") as f:
+        magic = f.read(3)
+    if magic == b"BZh":
+        raw = bz2.open(path, "rb")
+    elif magic[:2] == b"\x1f\x8b":
+        raw = gzip.open(path, "rb")
+    else:
+        raw = open(path, "rb")
+    return io.BufferedReader(raw, 1 << 20)
+
+
 class QM9Xyz:
     """The raw QM9 release: a directory of ``dsgdb9nsd_*.xyz`` files or the ``dsgdb9nsd.xyz.tar.bz2`` tarball.
 
@@ -251,7 +267,7 @@ class QM9Xyz:
         if self.is_tar:
             key_of = np.concatenate([[-1], self._keys(np.arange(1, N_QM9_FILES + 1))[0]])
             try:
-                with tarfile.open(self.path, "r|*") as tf:
+                with _open_compressed(self.path) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
                     for m in tf:
                         hit = _XYZ_NAME.search(m.name)
                         if m.name.endswith("uncharacterized.txt"):
