@@ -123,7 +123,8 @@ def main() -> None:
     (out / "data_build.json").write_text(json.dumps(res, indent=1) + "\n")
     m = res["machine"]
     lines = ["# Shard build throughput, full QM9 (130,831 molecules)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; {m['date_utc']} UTC; "
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; {m['date_utc']} UTC; load average "
+             f"{m['load_average_1_5_15min']} at the start (a shared machine: other jobs were running); "
              f"`benchmarks/bench_build.py`. Best of the repeats, wall clock of the whole command "
              "(process start, imports and MPI start-up included).", "",
              "| case | ranks | seconds | molecules/s |", "|---|---|---|---|"]

@@ -86,7 +86,8 @@ def main() -> None:
     (out / "data_loader.json").write_text(json.dumps(res, indent=1) + "\n")
     m = res["machine"]
     lines = ["# Loader throughput (one process, OMP_NUM_THREADS=1)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; {m['date_utc']} UTC; "
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; {m['date_utc']} UTC; load average "
+             f"{m['load_average_1_5_15min']} at the start (a shared machine: other jobs were running); "
              "`benchmarks/bench_loader.py`. One epoch of the train split per measurement, median of "
              f"{a.repeats} after one warm-up epoch; molecules/s counts the molecules this process yields (as padded "
              "torch Batches). GEOM-like = real GEOM SMILES with RDKit conformers (synthetic, not GEOM-Drugs).", "",
