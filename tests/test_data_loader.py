@@ -144,3 +144,28 @@ def test_small_last_batch_never_leaves_a_rank_empty(root, train):
         batches = list(_loader(root, batch_size=bs, rank=r, world_size=world))
         assert len(batches) == -(-n // bs)
         assert all(len(b) >= 1 for b in batches)
+
+
+def test_streaming_reads_each_molecule_once_and_holds_one_window(root, train, monkeypatch):
+    import symdiff.data.loader as L
+
+    reads, held = [], []
+    real_read, real_window = L.read_shard, L.ShardLoader._load_window
+
+    def counting_read(path, start=0, stop=None):
+        m = real_read(path, start, stop)
+        reads.append(len(m))
+        return m
+
+    def counting_window(self, win, prev):
+        out = real_window(self, win, prev)
+        held.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(L, "read_shard", counting_read)
+    monkeypatch.setattr(L.ShardLoader, "_load_window", counting_window)
+    loader = _loader(root, batch_size=64, seed=2)
+    n = sum(len(b) for b in loader)
+    assert n == len(train) and sum(reads) == len(train)  # no molecule read twice in an uninterrupted epoch
+    assert max(reads) <= 100 and max(held) <= 7 * 100 + 64  # one window (+ carried-over remainder) in memory
+    assert len(held) == -(-len(train) // 700)
