@@ -218,3 +218,19 @@ def test_full_qm9_npz_gives_the_edm_split(shared_data, tmp_path):
     split = np.load(shared_data / "qm9" / "qm9_edm_split.npz")
     assert np.array_equal(read_split(out, "test").mol_ids, split["test"])
     assert verify(out)["max_atoms"] == 29
+
+
+def test_molecule_set_select_gathers_the_right_atoms():
+    rng = np.random.default_rng(0)
+    zs = [rng.integers(1, 9, size=n) for n in rng.integers(0, 6, size=50)]
+    m = MoleculeSet.from_lists(zs, [rng.normal(size=(len(z), 3)) for z in zs],
+                               charges=[rng.integers(-1, 2, size=len(z)) for z in zs])
+    idx = rng.integers(0, 50, size=80)
+    s = m.select(idx)
+    assert s.mol_ids.tolist() == idx.tolist()
+    for k, i in enumerate(idx):
+        a, b = m.offsets[i], m.offsets[i + 1]
+        assert s.molecule(k)[0].tolist() == m.atomic_numbers[a:b].tolist()
+        assert np.array_equal(s.molecule(k)[1], m.positions[a:b])
+        assert s.formal_charges[s.offsets[k]:s.offsets[k + 1]].tolist() == m.formal_charges[a:b].tolist()
+    assert len(m.select(np.zeros(0, np.int64))) == 0
