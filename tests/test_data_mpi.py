@@ -83,3 +83,14 @@ def test_mpi_build_error_on_one_rank_fails_cleanly(tmp_path):
     assert r.returncode == 1
     assert f"molecule id {int(z['mol_id'][bad_row])}" in r.stderr and "non-finite" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
+
+
+def test_mpi_build_of_full_qm9_equals_serial(shared_data, tmp_path):
+    src = shared_data / "qm9" / "qm9.npz"
+    build("qm9", src, tmp_path / "serial")
+    r = _mpirun(["--dataset", "qm9", "--source", str(src), "--out", str(tmp_path / "mpi")])
+    assert r.returncode == 0, r.stderr
+    man = read_manifest(tmp_path / "mpi")
+    assert {k: v["n_molecules"] for k, v in man["splits"].items()} == \
+        {"train": 100_000, "valid": 17_748, "test": 13_083}
+    _assert_same(tmp_path / "serial", tmp_path / "mpi")
