@@ -11,6 +11,9 @@ final p(x, h | z_0) call). Two batchings: 'sorted' is what `symdiff sample` does
 cut into batches of 100: every batch pads only to its own largest molecule), 'unsorted' pads each batch of 100
 i.i.d. sizes to its largest (about 29 atoms, the official code's padding).
 
+The machines are shared: wall times move with other people's load. Each entry also records the CPU seconds the
+process used (all threads together), which moves much less; the load average at start and end is recorded.
+
 Usage: .venv/bin/python benchmarks/bench_model_speed.py [--configs qm9_symdiff_s qm9_symdiff_l] [--threads 2]
 """
 from __future__ import annotations
@@ -25,8 +28,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+# Must precede the OpenMP runtime (torch import). On a shared, oversubscribed machine spinning OpenMP threads wait
+# on each other for whole time slices: a 2-thread step measured 15 s with the default policy, 0.12 s passive.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OFFICIAL = {"qm9_symdiff_s": {"train_s_per_step": 0.87, "train_mol_per_s": 73.7},
@@ -103,13 +110,16 @@ def bench_sample(model, batch_size: int, steps_per_batch: int, n_batches: int, s
         size_sets = [model.sample_n_atoms(batch_size).numpy() for _ in range(n_batches)]
     per_step = []
     model.sample(torch.as_tensor(size_sets[0]), steps=1)  # warm-up
+    cpu = time.process_time()
     for s in size_sets:
         t = time.perf_counter()
         model.sample(torch.as_tensor(s), steps=steps_per_batch)
         per_step.append((time.perf_counter() - t) / (steps_per_batch + 1))
+    cpu_call = (time.process_time() - cpu) / (len(size_sets) * (steps_per_batch + 1))
     step_s = float(np.mean(per_step))
     return {"batch_size": batch_size, "s_per_network_call": step_s,
             "s_per_molecule_1000_steps": step_s * 1001 / batch_size,
+            "cpu_s_per_network_call": cpu_call, "cpu_s_per_molecule_1000_steps": cpu_call * 1001 / batch_size,
             "padded_atoms_per_batch_mean": float(np.mean([batch_size * s.max() for s in size_sets])),
             "real_atoms_per_batch_mean": float(np.mean([s.sum() for s in size_sets]))}
 
@@ -135,7 +145,8 @@ def main() -> int:
     batches = qm9_batches(Path(args.data), args.warmup + args.train_steps, args.batch_size, seed=0)
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"host": socket.gethostname(), "cpu": cpu_name(), "cores": os.cpu_count(),
-                          "threads": args.threads, "torch": torch.__version__, "python": platform.python_version(),
+                          "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                          "torch": torch.__version__, "python": platform.python_version(),
                           "load_average_start": list(os.getloadavg())},
               "official_reference": OFFICIAL, "configs": {}}
     for name in args.configs:

@@ -68,3 +68,10 @@ def test_x_constant_matches_spec():
     s = NoiseSchedule()
     per_dof = 0.5 * float(s.gamma(torch.tensor(0))) + 0.5 * math.log(2 * math.pi)
     assert per_dof == pytest.approx(-4.8375, abs=1e-4)
+
+
+def test_table_stays_float64_when_the_model_is_cast():
+    """Mixed-precision engines call module.bfloat16(); the gamma table must not be rounded with the weights."""
+    s = NoiseSchedule().bfloat16()
+    assert s.table.dtype == torch.float64
+    torch.testing.assert_close(s.table, NoiseSchedule().table, atol=0, rtol=0)

@@ -33,9 +33,18 @@ class NoiseSchedule(nn.Module):
         a2 = polynomial_alpha2(timesteps, precision, power)
         gamma = -(np.log(a2) - np.log(1.0 - a2))
         self.timesteps = int(timesteps)
+        self._gamma64 = gamma
         # float64 table: gamma differences between adjacent steps near t = 0 are ~0.2 and the expm1 in
         # sigma^2_{t|s} needs them exactly; persistent=False because it is a pure function of the config.
         self.register_buffer("table", torch.from_numpy(gamma), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # model.half()/.bfloat16() (mixed-precision engines) casts floating buffers too: keep the table in
+        # float64 on whatever device it moved to.
+        super()._apply(fn, recurse)
+        if self.table.dtype != torch.float64:
+            self.table = torch.from_numpy(self._gamma64).to(self.table.device)
+        return self
 
     def gamma(self, t_int: torch.Tensor) -> torch.Tensor:
         """gamma at integer times (any shape), float64."""

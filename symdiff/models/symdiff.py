@@ -114,8 +114,9 @@ class SymDiffModel(nn.Module):
         self.register_buffer("class_to_z", torch.tensor(self.alphabet.atomic_numbers, dtype=torch.long),
                              persistent=False)
         max_n = max(self.alphabet.max_atoms, max(default_n_hist(cfg.data.dataset, bool(cfg.data.remove_h))))
-        # p(N) travels with the weights (persistent buffer) so a checkpoint alone can sample and score.
-        self.register_buffer("n_atoms_hist", torch.zeros(max_n + 1, dtype=torch.float64))
+        # p(N) travels with the weights (persistent buffer) so a checkpoint alone can sample and score. Integer
+        # counts: casting the model to another float dtype (bf16 engines, .double()) leaves them exact.
+        self.register_buffer("n_atoms_hist", torch.zeros(max_n + 1, dtype=torch.long))
         self.set_n_atoms_histogram(default_n_hist(cfg.data.dataset, bool(cfg.data.remove_h)))
 
     # ------------------------------------------------------------------ sizes and p(N)
@@ -134,11 +135,11 @@ class SymDiffModel(nn.Module):
     def set_n_atoms_histogram(self, counts: dict[int, int] | np.ndarray | torch.Tensor) -> None:
         """Set p(N) (used to draw sizes at sampling and for -log p(N) in the NLL) from atom-count counts."""
         if isinstance(counts, dict):
-            arr = torch.zeros(max(max(counts) + 1, self.n_atoms_hist.numel()), dtype=torch.float64)
+            arr = torch.zeros(max(max(counts) + 1, self.n_atoms_hist.numel()), dtype=torch.long)
             for n, c in counts.items():
-                arr[int(n)] = float(c)
+                arr[int(n)] = int(c)
         else:
-            arr = torch.as_tensor(np.asarray(counts), dtype=torch.float64).flatten()
+            arr = torch.as_tensor(np.rint(np.asarray(counts, dtype=np.float64)).astype(np.int64)).flatten()
         if arr.sum() <= 0 or (arr < 0).any():
             raise ValueError("atom-count histogram must be non-negative with a positive total")
         if arr.numel() != self.n_atoms_hist.numel():
@@ -154,13 +155,15 @@ class SymDiffModel(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def log_p_n_atoms(self, n_atoms: torch.Tensor) -> torch.Tensor:
-        p = self.n_atoms_hist / self.n_atoms_hist.sum()
+        hist = self.n_atoms_hist.double()
+        p = hist / hist.sum()
         n = n_atoms.long().clamp(0, p.numel() - 1)
         lp = torch.log(p[n] + 1e-30)
         return torch.where(n_atoms.long() < p.numel(), lp, torch.full_like(lp, math.log(1e-30)))
 
     def sample_n_atoms(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        p = (self.n_atoms_hist / self.n_atoms_hist.sum()).cpu()
+        hist = self.n_atoms_hist.double().cpu()
+        p = hist / hist.sum()
         return torch.multinomial(p, n, replacement=True, generator=generator)
 
     # ------------------------------------------------------------------ features
