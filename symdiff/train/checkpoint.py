@@ -507,7 +507,7 @@ def load_for_inference(path_or_run_dir: str | Path, use_ema: bool = True):
         tag_dir = resolve_checkpoint(path)
         state = read_state(tag_dir)
         cfg = from_dict(state["config"])
-        sd = state["ema"] if use_ema else fp32_weights(tag_dir)
+        sd = {**(state["ema"] if use_ema else fp32_weights(tag_dir)), **state.get("buffers", {})}
         path = tag_dir
     model = build_model(cfg)
     _load_weights(model, sd, str(path))

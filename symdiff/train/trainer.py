@@ -40,20 +40,24 @@ def seed_of(seed: int, step: int, shard: int) -> int:
     return int(np.random.SeedSequence([seed, step, shard]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def split_batch(batch: Batch, n: int) -> list[Batch]:
+def split_batch(batch: Batch, n: int, by_size: bool = False) -> list[Batch]:
     """Cut a rank's batch into ``n`` micro-batches: micro j takes every n-th molecule starting at j.
 
-    The loader gives rank r molecules r, r+W, r+2W... of the global batch, so micro j of rank r is global shard
-    r + j*W = every S-th molecule from it (S = n*W): the same molecules whatever W is, for a fixed S.
+    The loader gives rank r molecules r, r+W, r+2W... of the global batch (first sorted by decreasing size when
+    batches are cut by a token budget: ``by_size``), so micro j of rank r is global shard r + j*W = every S-th
+    molecule from it (S = n*W): the same molecules whatever W is, for a fixed S.
     Padding is trimmed to each micro-batch's largest molecule.
     """
     if n == 1:
         return [batch]
+    order = torch.arange(len(batch))
+    if by_size:  # stable, as the loader's own sort; a no-op on a rank's share, which is already sorted
+        order = torch.from_numpy(np.argsort(-batch.n_atoms.numpy(), kind="stable"))
     out = []
     for j in range(n):
-        idx = torch.arange(j, len(batch), n)
+        idx = order[j::n]
         if len(idx) == 0:
-            idx = torch.tensor([j % len(batch)])  # never hand the model an empty batch
+            idx = order[[j % len(batch)]]  # never hand the model an empty batch
         width = int(batch.n_atoms[idx].max())
         out.append(Batch(positions=batch.positions[idx, :width], atomic_numbers=batch.atomic_numbers[idx, :width],
                          mask=batch.mask[idx, :width],
@@ -233,6 +237,7 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
     # ---------------------------------------------------------------- the loop
     engine.train()
     seed = int(t.seed)
+    by_size = int(cfg.data.max_atoms_per_batch) > 0
     window = {"t0": time.perf_counter(), "steps": 0, "mols": 0.0, "atoms": 0.0, "slots": 0.0}
     exit_code = 0
     data = iter(loader)
@@ -245,7 +250,7 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
         step += 1
         skipped_before = engine.skipped_steps
         loss_sum = 0.0
-        for j, micro in enumerate(split_batch(batch, n_local)):
+        for j, micro in enumerate(split_batch(batch, n_local, by_size=by_size)):
             torch.manual_seed(seed_of(seed, step, rank + j * world))
             loss, _stats = engine(micro.to(device))
             if not torch.isfinite(loss):
@@ -270,6 +275,8 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
         window["atoms"] += float(stats[3])
         window["slots"] += float(stats[4])
         bar.update(1)
+        if os.environ.get("SYMDIFF_TEST_STEP_SLEEP"):  # tests only: widen the window for signals and kills
+            time.sleep(float(os.environ["SYMDIFF_TEST_STEP_SLEEP"]))
 
         if skipped:
             nonfinite_total += 1

@@ -1,0 +1,328 @@
+"""Real DeepSpeed, real processes, the real SymDiff model on the bundled real QM9 subset (tiny widths, fp32 CPU).
+
+Every run is a `symdiff train` subprocess (gloo). References are uninterrupted runs of the same length; the
+claims checked are the issue's: stop-and-resume is bitwise (ZeRO 1, 2, 3), SIGKILL at any moment (also inside
+a checkpoint write) resumes from the newest complete checkpoint and ends bitwise equal, and a run continues on
+another world size (2 -> 1, 1 -> 2) with the same global data order and loss trajectory within fp32 tolerance.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "qm9_tiny.yaml"
+TINY = ["model.hidden_size=32", "model.xh_hidden_size=16", "model.num_gaussians=16", "model.depth=1",
+        "model.num_heads=2", "model.gamma_depth=1", "model.gamma_hidden_size=16", "model.gamma_dec_hidden=16",
+        "model.gamma_num_heads=2", "data.batch_size=16", "train.log_every=1", "train.grad_shards=2",
+        "train.ema_decay=0.9", "train.keep_last=10"]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from symdiff.data.bundled import ensure_bundled_shards
+
+    return ensure_bundled_shards(tmp_path_factory.mktemp("data") / "qm9_bundled")
+
+
+def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "OMPI_", "PMI_"))}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def _cmd(run_dir: Path, shards: Path, nproc: int, *overrides: str, resume: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "symdiff.cli", "train", "--config", str(CONFIG), "--run-dir", str(run_dir)]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc)]
+    if resume:
+        cmd += ["--resume", resume]
+    return cmd + [f"data.root={shards}", *TINY, *overrides]
+
+
+def train(run_dir: Path, shards: Path, nproc: int, *overrides: str, env: dict[str, str] | None = None,
+          expect: int = 0, resume: str | None = None) -> str:
+    res = subprocess.run(_cmd(run_dir, shards, nproc, *overrides, resume=resume), env=_env(env),
+                         capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == expect, f"exit {res.returncode} (expected {expect}):\n{out[-6000:]}"
+    return out
+
+
+def metrics(run_dir: Path) -> dict[int, dict]:
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    by_step = {r["step"]: r for r in rows}
+    assert len(by_step) == len(rows), "a step was logged twice (metrics not rewound on resume)"
+    return by_step
+
+
+def final_state(run_dir: Path, step: int = STEPS) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    from symdiff.train import checkpoint as ckpt
+
+    tag = run_dir / "checkpoints" / ckpt.tag_for(step)
+    assert ckpt.verify(tag) is not None, f"{tag} is not a complete checkpoint"
+    return ckpt.fp32_weights(tag), ckpt.read_state(tag)["ema"]
+
+
+def assert_bitwise(run: Path, ref: Path) -> None:
+    m, r = metrics(run), metrics(ref)
+    assert sorted(m) == sorted(r) == list(range(1, STEPS + 1))
+    for s in r:
+        assert m[s]["loss"] == r[s]["loss"], f"step {s}: loss {m[s]['loss']!r} != {r[s]['loss']!r}"
+        assert (m[s]["mol_id_sum"], m[s]["mol_id_sqsum"]) == (r[s]["mol_id_sum"], r[s]["mol_id_sqsum"])
+    (w, e), (wr, er) = final_state(run), final_state(ref)
+    assert w.keys() == wr.keys() and e.keys() == er.keys()
+    for k in wr:
+        assert torch.equal(w[k], wr[k]), f"parameter {k} differs"
+    for k in er:
+        assert torch.equal(e[k], er[k]), f"EMA {k} differs"
+
+
+@pytest.fixture(scope="module")
+def ref_zero2(tmp_path_factory, shards) -> Path:
+    """Uninterrupted 2-process ZeRO-2 run: the reference of the kill and world-size tests."""
+    run = tmp_path_factory.mktemp("ref") / "zero2"
+    train(run, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=2", "train.ckpt_every=2")
+    return run
+
+
+def test_zero1_preempted_by_sigusr1_resumes_bitwise(tmp_path, shards):
+    ref = tmp_path / "ref"
+    train(ref, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=1", "train.ckpt_every=100")
+    run = tmp_path / "run"
+    # The SLURM path: the signal reaches the launcher, every rank finishes its step, checkpoints and exits 75.
+    proc = subprocess.Popen(_cmd(run, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=1",
+                                 "train.ckpt_every=100"),
+                            env=_env({"SYMDIFF_TEST_STEP_SLEEP": "0.3"}), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.1)
+    while time.time() < deadline and (run / "metrics.jsonl").read_text().count("\n") < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-4000:]
+    stopped = max(metrics(run))
+    assert 2 <= stopped < STEPS, f"stopped at step {stopped}"
+    assert (run / "checkpoints" / f"step_{stopped:08d}" / "COMPLETE.json").is_file()
+    out = train(run, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=1", "train.ckpt_every=100")
+    assert f"at step {stopped} " in out
+    assert_bitwise(run, ref)
+
+
+def test_zero3_stop_and_resume_bitwise(tmp_path, shards):
+    ref = tmp_path / "ref"
+    train(ref, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=3", "train.ckpt_every=100")
+    run = tmp_path / "run"
+    train(run, shards, 2, "train.max_steps=3", "train.zero_stage=3", "train.ckpt_every=100")
+    out = train(run, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=3", "train.ckpt_every=100")
+    assert "at step 3 " in out
+    assert_bitwise(run, ref)
+
+
+def test_sigkill_at_random_moments_resumes_from_last_complete_checkpoint(tmp_path, shards, ref_zero2):
+    from symdiff.train import checkpoint as ckpt
+
+    run = tmp_path / "run"
+    ckdir = run / "checkpoints"
+    rng = random.Random(20261125)
+    args = [f"train.max_steps={STEPS}", "train.zero_stage=2", "train.ckpt_every=2"]
+    # Slow steps and a pause inside every checkpoint write widen the windows the kills aim at.
+    env = {"SYMDIFF_TEST_STEP_SLEEP": "0.2", "SYMDIFF_TEST_SAVE_SLEEP": "1.0"}
+    expected: int | None = None  # step the next start must resume from (None: a fresh start)
+    for attempt, kind in enumerate(["during_write", "random", "during_write", "finish"]):
+        before = ckpt.complete_checkpoints(ckdir)
+        log = tmp_path / f"attempt{attempt}.log"
+        with open(log, "w") as fh:
+            proc = subprocess.Popen(_cmd(run, shards, 2, *args), env=_env(env), stdout=fh, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            if kind == "finish":
+                assert proc.wait(timeout=600) == 0, log.read_text()[-5000:]
+            else:
+                deadline = time.time() + 300
+                killed_in_write = False
+                while time.time() < deadline and proc.poll() is None:
+                    writing = list(ckdir.glob(".tmp-step_*")) if ckdir.is_dir() else []
+                    done = ckpt.complete_checkpoints(ckdir)
+                    if kind == "during_write" and writing and len(done) == len(before):
+                        time.sleep(rng.uniform(0.0, 0.5))  # the write pauses 1 s before it is published
+                        killed_in_write = bool(list(ckdir.glob(".tmp-step_*")))
+                        break
+                    if kind == "random" and len(done) > len(before):
+                        time.sleep(rng.uniform(0.0, 1.0))
+                        break
+                    time.sleep(0.02)
+                assert proc.poll() is None, f"attempt {attempt}: the run ended before it could be killed"
+                os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-flight
+                proc.wait(timeout=60)
+                if kind == "during_write":
+                    assert killed_in_write, "the kill did not land inside a checkpoint write"
+        text = log.read_text()
+        found = re.search(r"resumed from \S+ at step (\d+)", text)
+        if expected is None:
+            assert found is None, text[-3000:]
+        else:
+            # never the half-written one: the newest checkpoint that was complete when the run was killed
+            assert found and int(found.group(1)) == expected, text[-3000:]
+        newest = ckpt.newest_complete(ckdir)
+        expected = None if newest is None else int(newest.name.split("_")[1])
+    assert not list(ckdir.glob(".tmp-*")), "a half-written checkpoint was left behind"
+    assert_bitwise(run, ref_zero2)
+
+
+def _copy_run_until(src: Path, dst: Path, step: int) -> None:
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src / "checkpoints" / f"step_{step:08d}", dst / "checkpoints" / f"step_{step:08d}")
+    lines = [ln for ln in (src / "metrics.jsonl").read_text().splitlines() if json.loads(ln)["step"] <= step]
+    (dst / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def _assert_same_trajectory(run: Path, ref: Path) -> None:
+    m, r = metrics(run), metrics(ref)
+    assert sorted(m) == sorted(r) == list(range(1, STEPS + 1))
+    for s in r:
+        # the global data order is exactly the same, whatever the world size
+        assert (m[s]["mol_id_sum"], m[s]["mol_id_sqsum"]) == (r[s]["mol_id_sum"], r[s]["mol_id_sqsum"]), s
+        assert m[s]["loss"] == pytest.approx(r[s]["loss"], rel=1e-5, abs=1e-7), s
+    (w, e), (wr, er) = final_state(run), final_state(ref)
+    for k in wr:
+        torch.testing.assert_close(w[k], wr[k], rtol=1e-5, atol=1e-6)
+    for k in er:
+        torch.testing.assert_close(e[k], er[k], rtol=1e-5, atol=1e-6)
+
+
+def test_resume_on_another_world_size(tmp_path, shards, ref_zero2):
+    args = [f"train.max_steps={STEPS}", "train.zero_stage=2", "train.ckpt_every=2"]
+    # 2 -> 1: the 2-process checkpoint at step 4 is converted to DeepSpeed's universal format and continued alone.
+    one = tmp_path / "two_to_one"
+    _copy_run_until(ref_zero2, one, 4)
+    out = train(one, shards, 1, *args)
+    assert "converting step_00000004 to DeepSpeed's universal format" in out
+    assert (one / "checkpoints" / "universal" / "step_00000004" / "zero").is_dir()
+    _assert_same_trajectory(one, ref_zero2)
+    # amsgrad's running maximum survived the conversion (DeepSpeed's converter alone drops it)
+    assert list((one / "checkpoints" / "universal" / "step_00000004" / "zero").glob("*/max_exp_avg_sq.pt"))
+    # 1 -> 2: start alone, continue on two processes.
+    two = tmp_path / "one_to_two"
+    train(two, shards, 1, "train.max_steps=4", *args[1:])
+    train(two, shards, 2, *args)
+    _assert_same_trajectory(two, ref_zero2)
+
+
+def test_mpirun_discovery_matches_the_local_launcher(tmp_path, shards, ref_zero2):
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun not installed")
+    run = tmp_path / "mpi"
+    cmd = ["mpirun", "--allow-run-as-root", "-n", "2", "-x", "OMP_NUM_THREADS", "-x", "TORCH_EXTENSIONS_DIR",
+           *_cmd(run, shards, 1, "train.max_steps=3", "train.zero_stage=2", "train.ckpt_every=2")]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
+    m, r = metrics(run), metrics(ref_zero2)
+    assert [m[s]["loss"] for s in (1, 2, 3)] == [r[s]["loss"] for s in (1, 2, 3)]
+    assert json.loads((run / "checkpoints" / "step_00000003" / "COMPLETE.json").read_text())["world_size"] == 2
+
+
+def test_single_process_run_guards_logs_and_retention(tmp_path, shards):
+    """`symdiff train` alone (ZeRO 0): non-finite steps are skipped (weights untouched), too many stop the run."""
+    from symdiff.train import checkpoint as ckpt
+
+    run = tmp_path / "single"
+    env = {"SYMDIFF_TEST_NAN_LOSS": "2", "SYMDIFF_TEST_NAN_GRAD": "4,5,6"}
+    out = train(run, shards, 1, "train.max_steps=8", "train.zero_stage=0", "train.ckpt_every=1",
+                "train.max_nonfinite_in_a_row=2", "train.keep_last=20", env=env, expect=3)
+    assert "3 steps in a row had a non-finite loss or gradient" in out
+    m = metrics(run)
+    assert [s for s, r in m.items() if r["skipped"]] == [2, 4, 5, 6]
+    assert m[6]["nonfinite_total"] == 4 and max(m) == 6
+    for a, b in ((1, 2), (3, 4), (4, 5)):  # a skipped step changes neither weights nor EMA
+        wa, wb = ckpt.fp32_weights(run / "checkpoints" / ckpt.tag_for(a)), \
+            ckpt.fp32_weights(run / "checkpoints" / ckpt.tag_for(b))
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), (a, b)
+        ea, eb = ckpt.read_state(run / "checkpoints" / ckpt.tag_for(a))["ema"], \
+            ckpt.read_state(run / "checkpoints" / ckpt.tag_for(b))["ema"]
+        assert all(torch.equal(ea[k], eb[k]) for k in ea), (a, b)
+    w2, w3 = ckpt.fp32_weights(run / "checkpoints" / ckpt.tag_for(2)), \
+        ckpt.fp32_weights(run / "checkpoints" / ckpt.tag_for(3))
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2), "a good step must change the weights"
+    # the stopping step is not checkpointed: the newest complete one is the last step before the limit tripped
+    assert [s for s, _ in ckpt.complete_checkpoints(run / "checkpoints")] == [1, 2, 3, 4, 5]
+
+    # A fresh run directory: resolved config, DeepSpeed JSON, metrics, TensorBoard and retention of keep_last.
+    run2 = tmp_path / "plain"
+    train(run2, shards, 1, "train.max_steps=5", "train.zero_stage=0", "train.ckpt_every=1", "train.keep_last=2")
+    assert "max_steps: 5" in (run2 / "config.yaml").read_text()
+    ds = json.loads((run2 / "deepspeed_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 0 and ds["optimizer"]["params"]["amsgrad"] is True
+    assert list((run2 / "tensorboard").glob("events.out.tfevents.*"))
+    rec = metrics(run2)[5]
+    for key in ("loss", "grad_norm", "lr", "it_per_s", "molecules_per_s", "tokens_per_s", "padding_fraction",
+                "memory_gb"):
+        assert isinstance(rec[key], float), key
+    assert 0 < rec["grad_norm"] and 0 <= rec["padding_fraction"] < 1
+    assert [s for s, _ in ckpt.complete_checkpoints(run2 / "checkpoints")] == [4, 5]
+    assert (run2 / "checkpoints" / "latest").read_text() == "step_00000005"
+
+
+def test_checkpoint_integrity_mismatch_and_export(tmp_path, ref_zero2):
+    """Checksums pick the newest intact checkpoint; a mismatching config is refused by name; exports load."""
+    from symdiff.config import load_config
+    from symdiff.errors import CheckpointError
+    from symdiff.models import build_model
+    from symdiff.train import checkpoint as ckpt
+
+    run = tmp_path / "copy"
+    shutil.copytree(ref_zero2, run)
+    ckdir = run / "checkpoints"
+    assert ckpt.newest_complete(ckdir).name == "step_00000008"
+    victim = ckdir / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    victim.write_bytes(bytes(data))
+    assert ckpt.verify(ckdir / "step_00000008") is None
+    assert ckpt.newest_complete(ckdir).name == "step_00000006"
+    (ckdir / "step_00000006" / "COMPLETE.json").unlink()
+    assert ckpt.find_resume(run, "auto").name == "step_00000004"
+    with pytest.raises(CheckpointError, match="--resume never"):
+        ckpt.find_resume(run, "never")
+
+    tag = ckdir / "step_00000004"
+    state = ckpt.read_state(tag)
+    cfg = load_config(CONFIG, [f"data.root={run}", *TINY, "model.hidden_size=48"])
+    model = build_model(cfg)
+    shapes = {k: tuple(p.shape) for k, p in model.named_parameters()}
+    with pytest.raises(CheckpointError) as err:
+        ckpt.check_compatible(state, cfg, shapes, tag)
+    msg = str(err.value)
+    assert "config model.hidden_size: checkpoint 32 vs now 48" in msg
+    assert re.search(r"parameter \S+: checkpoint shape \(\d+, 32\) vs model shape \(\d+, 48\)", msg), msg
+
+    # Export (tools/convert_checkpoint.py) and load_for_inference agree with the checkpoint, EMA by default.
+    out = tmp_path / "export.pt"
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), str(ref_zero2), str(out)],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    weights, ema = final_state(ref_zero2)
+    for src in (ref_zero2, out):
+        _, m_ema = ckpt.load_for_inference(src)
+        _, m_raw = ckpt.load_for_inference(src, use_ema=False)
+        for k, p in m_ema.named_parameters():
+            assert torch.equal(p.detach(), ema[k]), (src, k)
+            assert torch.equal(dict(m_raw.named_parameters())[k].detach(), weights[k]), (src, k)
+        assert not m_ema.training
+        assert float(m_ema.n_atoms_hist.sum()) == 6000.0  # p(N) of the training split travelled along
