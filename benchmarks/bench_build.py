@@ -30,11 +30,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SYMDIFF = str(Path(sys.executable).with_name("symdiff"))
 
 
+CPU: dict[str, list] = {}
+
+
 def run(cmd: list[str]) -> float:
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if r.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr}")
+    out = Path(cmd[cmd.index("--out") + 1])
+    CPU[str(out)] = read_manifest(out)["build"]["rank_cpu_seconds"]
     return time.perf_counter() - t
 
 
@@ -81,15 +86,15 @@ def main() -> None:
     n = 130_831
     res: dict = {"machine": machine(), "n_molecules": n, "results": []}
 
-    def rec(name: str, secs: list[float], **extra) -> None:
+    def rec(name: str, secs: list[float], out: Path, **extra) -> None:
         best = min(secs)
         res["results"].append({"case": name, "seconds_best": round(best, 3), "seconds_all": [round(s, 3) for s in secs],
-                               "molecules_per_s": round(n / best), **extra})
+                               "molecules_per_s": round(n / best), "rank_cpu_seconds_last": CPU[str(out)], **extra})
         print(res["results"][-1], flush=True)
 
     for ranks in (0, 2):
         secs = [run(build_cmd(npz, a.work / f"npz{ranks}", ranks)) for _ in range(a.repeats)]
-        rec(f"qm9.npz -> shards, {'serial' if not ranks else f'mpirun -n {ranks}'}", secs,
+        rec(f"qm9.npz -> shards, {'serial' if not ranks else f'mpirun -n {ranks}'}", secs, a.work / f"npz{ranks}",
             ranks=max(1, ranks))
     verify(a.work / "npz0")
     res["npz_serial_equals_mpi"] = read_manifest(a.work / "npz0")["splits"] == read_manifest(a.work / "npz2")["splits"]
@@ -100,7 +105,7 @@ def main() -> None:
     for ranks in (0, 2):
         secs = [run(build_cmd(xyz, a.work / f"xyz{ranks}", ranks)) for _ in range(max(1, a.repeats - 1))]
         rec(f"raw xyz directory -> shards, {'serial' if not ranks else f'mpirun -n {ranks}'}", secs,
-            ranks=max(1, ranks))
+            a.work / f"xyz{ranks}", ranks=max(1, ranks))
     res["xyz_dir_same_molecules_as_npz"] = same_molecules(a.work / "npz0", a.work / "xyz0")
     res["xyz_serial_equals_mpi"] = read_manifest(a.work / "xyz0")["splits"] == read_manifest(a.work / "xyz2")["splits"]
     res["xyz_counts"] = {k: v["n_molecules"] for k, v in read_manifest(a.work / "xyz0")["splits"].items()}
@@ -115,21 +120,25 @@ def main() -> None:
             res["write_tar_seconds"] = round(time.perf_counter() - t, 1)
         for ranks in (0, 2):
             rec(f"raw xyz .tar.bz2 -> shards, {'serial' if not ranks else f'mpirun -n {ranks}'}",
-                [run(build_cmd(tar, a.work / f"tar{ranks}", ranks))], ranks=max(1, ranks))
+                [run(build_cmd(tar, a.work / f"tar{ranks}", ranks))], a.work / f"tar{ranks}", ranks=max(1, ranks))
         res["tar_same_molecules_as_npz"] = same_molecules(a.work / "npz0", a.work / "tar0")
 
+    res["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_build.json").write_text(json.dumps(res, indent=1) + "\n")
     m = res["machine"]
     lines = ["# Shard build throughput, full QM9 (130,831 molecules)", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; {m['date_utc']} UTC; load average "
-             f"{m['load_average_1_5_15min']} at the start (a shared machine: other jobs were running); "
+             f"{m['load_average_1_5_15min']} at the start, {res['load_average_end']} at the end (1/5/15 min; a "
+             "shared machine: other jobs were running, so treat the numbers as lower bounds); "
              f"`benchmarks/bench_build.py`. Best of the repeats, wall clock of the whole command "
              "(process start, imports and MPI start-up included).", "",
-             "| case | ranks | seconds | molecules/s |", "|---|---|---|---|"]
+             "| case | ranks | wall seconds | molecules/s | CPU seconds per rank (process, imports included) |",
+             "|---|---|---|---|---|"]
     for r in res["results"]:
-        lines.append(f"| {r['case']} | {r['ranks']} | {r['seconds_best']} | {r['molecules_per_s']:,} |")
+        lines.append(f"| {r['case']} | {r['ranks']} | {r['seconds_best']} | {r['molecules_per_s']:,} | "
+                     f"{r['rank_cpu_seconds_last']} |")
     lines += ["", f"- serial and 2-rank builds from qm9.npz identical (shard sha256): {res['npz_serial_equals_mpi']}",
               f"- raw xyz build counts {res['xyz_counts']}; same molecules/order/coordinates as the npz build: "
               f"{res['xyz_dir_same_molecules_as_npz']}; serial == 2 ranks: {res['xyz_serial_equals_mpi']}"]

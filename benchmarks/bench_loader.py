@@ -81,13 +81,15 @@ def main() -> None:
         r = {"data": name, **kw, **measure(root, "train", a.repeats, **kw)}
         res["results"].append(r)
         print(r, flush=True)
+    res["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "data_loader.json").write_text(json.dumps(res, indent=1) + "\n")
     m = res["machine"]
     lines = ["# Loader throughput (one process, OMP_NUM_THREADS=1)", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; {m['date_utc']} UTC; load average "
-             f"{m['load_average_1_5_15min']} at the start (a shared machine: other jobs were running); "
+             f"{m['load_average_1_5_15min']} at the start, {res['load_average_end']} at the end (1/5/15 min; a "
+             "shared machine: other jobs were running, so treat the numbers as lower bounds); "
              "`benchmarks/bench_loader.py`. One epoch of the train split per measurement, median of "
              f"{a.repeats} after one warm-up epoch; molecules/s counts the molecules this process yields (as padded "
              "torch Batches). GEOM-like = real GEOM SMILES with RDKit conformers (synthetic, not GEOM-Drugs).", "",

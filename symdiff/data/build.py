@@ -100,10 +100,9 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
         # A crash on one rank must not leave the others waiting forever in the gather below.
         error, has_charges = f"rank {rank}: {type(exc).__name__}: {exc}", False
 
-    if comm is not None:
-        gathered = comm.gather((entries, skipped.to_dict(), error, info), root=0)
-    else:
-        gathered = [(entries, skipped.to_dict(), error, info)]
+    # CPU seconds per rank show how the work was split even on a machine busy with other jobs.
+    mine = (entries, skipped.to_dict(), error, info, round(time.process_time(), 3))
+    gathered = comm.gather(mine, root=0) if comm is not None else [mine]
     man = None
     final_error = None
     if rank == 0:
@@ -122,7 +121,8 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
             for g in gathered:
                 total_skipped.merge(g[1])
             extra = {**info, "shard_size": shard_size, "skipped": total_skipped.to_dict(),
-                     "build": {"ranks": world, "seconds": round(time.perf_counter() - t0, 3)}}
+                     "build": {"ranks": world, "seconds": round(time.perf_counter() - t0, 3),
+                               "rank_cpu_seconds": [g[4] for g in gathered]}}
             man = make_manifest(dataset, splits, extra=extra)
             man["has_formal_charges"] = bool(has_charges)
             try:
