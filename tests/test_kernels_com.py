@@ -1,6 +1,8 @@
 """Fused CoM projection + rotation (padded and varlen) against the float64 references."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -50,6 +52,26 @@ def test_padded_matches_float64_reference(B, N, transpose, with_R):
     if with_R is False and mask.any():
         real_mean = (out * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
         assert real_mean.abs().max() < 1e-5
+
+
+def test_fresh_random_shapes():
+    seed = int.from_bytes(os.urandom(4), "little")  # new every run; a failure's message carries it
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        B, N = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 60, (1,), generator=g))
+        tr = bool(torch.randint(0, 2, (1,), generator=g))
+        x = torch.randn(B, N, 3, generator=g) * 4
+        mask = torch.rand(B, N, generator=g) < torch.rand(1, generator=g)
+        R = torch.randn(B, 3, 3, generator=g)
+        gout = torch.randn(B, N, 3, generator=g, dtype=torch.float64)
+        ref, gref = _grads(lambda a, r: K.com_project_rotate_ref(a, mask, r, tr), x.double().requires_grad_(),
+                           R.double().requires_grad_(), gout)
+        out, gtri = _grads(lambda a, r: com_project_rotate_triton(a, mask, r, tr), x.clone().requires_grad_(),
+                           R.clone().requires_grad_(), gout)
+        msg = f"seed {seed}, B={B} N={N} transpose={tr}"
+        assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5), msg
+        for a, b in zip(gtri, gref):
+            assert torch.allclose(a.double(), b, rtol=1e-5, atol=1e-5 * (1 + b.abs().max().item())), msg
 
 
 def _packed(counts, seed):

@@ -1,6 +1,8 @@
 """Fused pooled Gaussian embedding (Triton, run by the interpreter) against the float64 reference."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -27,12 +29,16 @@ def _inputs(B, N, Kn, seed, p_real=0.8, prefix=False):
         mask[0] = False  # an empty molecule
         mask[1] = True  # a full one
     mu = torch.rand(Kn, generator=g) * 3
-    sigma = torch.rand(Kn, generator=g) * 3 - 0.5  # some negative: |sigma| path
+    # |sigma| >= 0.1, some negative (the |sigma| path); kernels narrower than that get their own test
+    sigma = (torch.rand(Kn, generator=g) * 2.5 + 0.1) * torch.where(torch.rand(Kn, generator=g) < 0.2, -1.0, 1.0)
     return x, mask, mu, sigma
 
 
-def _check(B, N, Kn, seed, **kw):
+def _check(B, N, Kn, seed, sigma_override=None, fp32_factor=2.0, **kw):
+    """Forward and x/mu/sigma gradients of the fused op (poisoned outputs) against the float64 reference."""
     x, mask, mu, sigma = _inputs(B, N, Kn, seed, **kw)
+    if sigma_override is not None:
+        sigma = sigma_override
     leaves64 = [t.double().requires_grad_() for t in (x, mu, sigma)]
     ref = K.gaussian_embedding_ref(leaves64[0], mask, leaves64[1], leaves64[2])
     gout = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
@@ -40,20 +46,57 @@ def _check(B, N, Kn, seed, **kw):
     leaves = [t.clone().requires_grad_() for t in (x, mu, sigma)]
     out = K.gaussian_embedding(leaves[0], mask, leaves[1], leaves[2], backend="triton")
     gtri = torch.autograd.grad((out * gout.float()).sum(), leaves)
+    # The same maths in float32 through the reference: how far fp32 itself lands from float64 on this input.
+    # Narrow kernels (s_k near its 0.01 floor) amplify rounding of d_ij by ~1/s^2 in the gradients.
+    leaves32 = [t.clone().requires_grad_() for t in (x, mu, sigma)]
+    ref32 = K.gaussian_embedding_ref(leaves32[0], mask, leaves32[1], leaves32[2])
+    g32 = torch.autograd.grad((ref32 * gout.float()).sum(), leaves32)
     assert out.dtype == torch.float32 and out.shape == (B, N, Kn)
     scale = ref.abs().max().item() + 1e-30
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6 * scale)
     assert torch.all(out[~mask] == 0)
-    for name, a, b in zip(("x", "mu", "sigma"), gtri, gref):
+    for name, a, b, c in zip(("x", "mu", "sigma"), gtri, gref, g32):
         assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-5 * (b.abs().max().item() + 1e-30),
-                                   msg=lambda m, name=name: f"grad {name}: {m}")
+        err = (a.double() - b).abs().max().item()
+        fp32_err = (c.double() - b).abs().max().item()
+        # mu/sigma gradients are fp32 sums of B*N^2 signed terms: ~1e-5 of the largest entry, a little more when
+        # they cancel, hence 3e-5
+        tol = max(3e-5 * (b.abs().max().item() + 1e-30), fp32_factor * fp32_err)
+        assert err <= tol, f"grad {name}: max error {err:.3e} > {tol:.3e} (fp32 reference: {fp32_err:.3e})"
     assert torch.all(gtri[0][~mask] == 0)
 
 
 @pytest.mark.parametrize("B,N,Kn,seed", [(1, 1, 1, 0), (3, 7, 5, 1), (2, 37, 40, 2), (5, 19, 33, 3)])
 def test_forward_backward_matches_float64_reference(B, N, Kn, seed):
     _check(B, N, Kn, seed)
+
+
+def test_fresh_random_shapes():
+    # a new draw every run; a failure's message carries the seed so it can be replayed
+    seed = int.from_bytes(os.urandom(4), "little")
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(3):
+        B, N, Kn = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 5), (1, 41), (1, 25)))
+        try:
+            _check(B, N, Kn, int(torch.randint(0, 2**31, (1,), generator=g)), prefix=bool(N % 2))
+        except AssertionError as exc:
+            raise AssertionError(f"seed {seed}, shape {(B, N, Kn)}: {exc}") from exc
+
+
+def test_narrow_kernels_within_fp32_conditioning():
+    # s_k at its 0.01 floor: gradients amplify the rounding of d_ij by ~1/s^2, so neither fp32 path is within
+    # 1e-5 of float64 there; the fused one must stay within a small factor of the fp32 reference's own error.
+    sigma = torch.tensor([0.0, 0.003, -0.008, 0.05, 1.0, 2.0])
+    for seed in (21, 22, 23):
+        _check(3, 36, 6, seed, sigma_override=sigma, fp32_factor=10.0)
+
+
+def test_low_precision_input_is_computed_in_float32():
+    x, mask, mu, sigma = _inputs(2, 11, 6, 12)
+    out = K.gaussian_embedding(x.bfloat16(), mask, mu, sigma, backend="triton")
+    assert out.dtype == torch.bfloat16
+    ref = K.gaussian_embedding_ref(x.bfloat16().double(), mask, mu.double(), sigma.double())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-2, atol=1e-3)
 
 
 def test_geom_sized_molecules_n181():
