@@ -308,9 +308,10 @@ class ResumePlan:
     meta: dict[str, Any]
     state: dict[str, Any]
     universal: bool
+    ckpt_dir: Path  # this run's checkpoint directory (the universal conversion is written there)
 
 
-def plan_resume(tag_dir: Path, world_size: int, zero_stage: int) -> ResumePlan:
+def plan_resume(tag_dir: Path, world_size: int, zero_stage: int, ckpt_dir: Path) -> ResumePlan:
     meta = verify(tag_dir, checksums=False)
     if meta is None:
         raise CheckpointError(f"{tag_dir}: incomplete checkpoint")
@@ -323,17 +324,18 @@ def plan_resume(tag_dir: Path, world_size: int, zero_stage: int) -> ResumePlan:
     # ZeRO 1 and 2 share a layout; anything else that changes the partitioning goes through universal format.
     same_layout = old_ws == world_size and (old_stage == zero_stage or {old_stage, zero_stage} == {1, 2})
     universal = zero_stage > 0 and not same_layout
-    return ResumePlan(tag_dir, meta, state, universal)
+    return ResumePlan(tag_dir, meta, state, universal, ckpt_dir)
 
 
-def universal_dir(tag_dir: Path) -> Path:
-    return tag_dir.parent / "universal" / tag_dir.name
+def universal_dir(tag_dir: Path, ckpt_dir: Path) -> Path:
+    return ckpt_dir / "universal" / tag_dir.name
 
 
-def convert_to_universal(tag_dir: Path) -> Path:
-    """DeepSpeed's ds_to_universal on ``tag_dir`` (rank 0 only); cached next to the checkpoints."""
-    out = universal_dir(tag_dir)
-    if (out / MARKER).is_file():
+def convert_to_universal(tag_dir: Path, ckpt_dir: Path) -> Path:
+    """DeepSpeed's ds_to_universal on ``tag_dir`` (rank 0 only), cached in this run's checkpoint directory."""
+    out = universal_dir(tag_dir, ckpt_dir)
+    source = {"source": str(tag_dir.resolve()), "marker_sha256": _sha256(tag_dir / MARKER)}
+    if (out / MARKER).is_file() and json.loads((out / MARKER).read_text()) == source:
         return out
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -345,7 +347,7 @@ def convert_to_universal(tag_dir: Path) -> Path:
     if res.returncode != 0:
         raise CheckpointError(f"{tag_dir}: universal checkpoint conversion failed:\n{res.stderr[-3000:]}")
     _add_extra_optimizer_states(tag_dir, tmp)
-    (tmp / MARKER).write_text(json.dumps({"source": tag_dir.name}))
+    (tmp / MARKER).write_text(json.dumps(source))
     shutil.rmtree(out, ignore_errors=True)
     os.rename(tmp, out)
     return out
@@ -439,7 +441,7 @@ def _restore_extra_states_stage3(engine, universal: Path) -> None:
 def load_engine(engine, plan: ResumePlan) -> None:
     """Load model, optimizer and scheduler state into ``engine`` (collective)."""
     if plan.universal:
-        load_dir = universal_dir(plan.tag_dir).parent
+        load_dir = universal_dir(plan.tag_dir, plan.ckpt_dir).parent
     else:
         load_dir = plan.tag_dir.parent
     path, _ = engine.load_checkpoint(str(load_dir), tag=plan.tag_dir.name, load_optimizer_states=True,
@@ -447,7 +449,7 @@ def load_engine(engine, plan: ResumePlan) -> None:
     if path is None:
         raise CheckpointError(f"{plan.tag_dir}: DeepSpeed could not load the checkpoint")
     if plan.universal and int(engine.zero_optimization_stage()) == 3:
-        _restore_extra_states_stage3(engine, universal_dir(plan.tag_dir))
+        _restore_extra_states_stage3(engine, universal_dir(plan.tag_dir, plan.ckpt_dir))
 
 
 def load_rank_state(tag_dir: Path, rank: int) -> Optional[dict[str, Any]]:

@@ -165,7 +165,7 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
 
     plan = None
     if resume_dir is not None:
-        plan = ckpt.plan_resume(resume_dir, world, int(t.zero_stage))
+        plan = ckpt.plan_resume(resume_dir, world, int(t.zero_stage), ckpt_dir)
         ckpt.check_compatible(plan.state, cfg, shapes, resume_dir)  # raises before anything is written
         if plan.universal:
             err: list[Any] = [None]
@@ -174,7 +174,7 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
                          "DeepSpeed's universal format", plan.meta["world_size"], world, plan.meta["zero_stage"],
                          int(t.zero_stage), resume_dir.name)
                 try:
-                    ckpt.convert_to_universal(resume_dir)
+                    ckpt.convert_to_universal(resume_dir, ckpt_dir)
                 except UserError as exc:
                     err[0] = str(exc)
             dist.broadcast_object_list(err, src=0)
