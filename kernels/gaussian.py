@@ -21,9 +21,10 @@ INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 # Must equal the epsilon inside the reference's sqrt so the self pair and its gradient agree bit for bit in spirit.
 DIST_EPS = 1e-12
 
-# Tile sizes. The 3-D tile is BLOCK_I * BLOCK_J * BLOCK_K values spread over num_warps * 32 threads; these keep it
-# at <= 64 fp32 registers per thread. Changed only after measuring on the target GPU (docs/kernels.md).
-FWD_BLOCKS = dict(BLOCK_I=32, BLOCK_J=16, BLOCK_K=32, num_warps=8)
+# Tile sizes. Not yet timed on a GPU: chosen from sm_90 register counts of the ahead-of-time build
+# (``python -m symdiff.kernels.compile_check``): the forward at 96 registers/thread fits 5 blocks per SM; the
+# backward needs 255 without spilling at this tile (smaller tiles do not lower it; larger ones spill).
+FWD_BLOCKS = dict(BLOCK_I=16, BLOCK_J=16, BLOCK_K=32, num_warps=4)
 BWD_BLOCKS = dict(BLOCK_I=16, BLOCK_J=16, BLOCK_K=32, num_warps=8)
 
 
@@ -81,60 +82,61 @@ def _gauss_fwd_kernel(x_ptr, m_ptr, invn_ptr, nhi_ptr, mu_ptr, s_ptr, out_ptr, N
 
 
 @triton.jit
-def _gauss_bwd_kernel(x_ptr, m_ptr, invn_ptr, nhi_ptr, mu_ptr, s_ptr, g_ptr, gx_ptr, gmu_ptr, gs_ptr, N, K,
+def _gauss_bwd_kernel(x_ptr, m_ptr, invn_ptr, nhi_ptr, mu_ptr, s_ptr, g_ptr, gx_ptr, gmu_ptr, gs_ptr, B, N, K,
                       NUM_I_BLOCKS, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_K: tl.constexpr,
                       DT: tl.constexpr):
+    # Same (b, i-block, k-block) grid as the forward: one k-block per program keeps the live 3-D tiles few (a
+    # k-loop inside held ~255 registers on sm_90). Every program writes its own partial sums -- x: row pk of a
+    # [K-blocks, B, N, 3] buffer; mu, s: row (b, pi) of a [B * I-blocks, K] buffer -- which torch reduces after:
+    # deterministic, no atomics, memory linear in N and K.
     b = tl.program_id(0).to(tl.int64)
     pi = tl.program_id(1)
+    pk = tl.program_id(2)
     offs_i = pi * BLOCK_I + tl.arange(0, BLOCK_I)
+    offs_k = pk * BLOCK_K + tl.arange(0, BLOCK_K)
     in_i = offs_i < N
+    in_k = offs_k < K
     xb = x_ptr + b * N * 3
     gb = g_ptr + b * N * K
     xi0, xi1, xi2 = _load_xyz(xb, offs_i, in_i, DT)
     mi = tl.load(m_ptr + b * N + offs_i, mask=in_i, other=0.0).to(DT)
     invn = tl.load(invn_ptr + b).to(DT)
+    mu = tl.load(mu_ptr + offs_k, mask=in_k, other=0.0).to(DT)
+    s = tl.load(s_ptr + offs_k, mask=in_k, other=1.0).to(DT)
+    inv_s = 1.0 / s
+    coef = inv_s * 0.3989422804014327
     n_hi = tl.load(nhi_ptr + b)
     j_end = tl.where(pi * BLOCK_I < n_hi, n_hi, 0)
+    # upstream gradient of row i already scaled by m_i / n_b (the pooling weight)
+    gi = tl.load(gb + offs_i[:, None] * K + offs_k[None, :], mask=in_i[:, None] & in_k[None, :],
+                 other=0.0).to(DT) * (mi * invn)[:, None]
     gx0 = tl.zeros([BLOCK_I], dtype=DT)
     gx1 = tl.zeros([BLOCK_I], dtype=DT)
     gx2 = tl.zeros([BLOCK_I], dtype=DT)
-    # Partial mu/s gradients go to this program's own row of a [B * NUM_I_BLOCKS, K] buffer, summed by torch:
-    # deterministic, no atomics.
+    gmu = tl.zeros([BLOCK_K], dtype=DT)
+    gs = tl.zeros([BLOCK_K], dtype=DT)
+    for j0 in range(0, j_end, BLOCK_J):
+        offs_j = j0 + tl.arange(0, BLOCK_J)
+        in_j = offs_j < N
+        mj, d0, d1, d2, d = _pair_tile(xb, m_ptr + b * N, xi0, xi1, xi2, offs_j, in_j, DT)
+        gj = tl.load(gb + offs_j[:, None] * K + offs_k[None, :], mask=in_j[:, None] & in_k[None, :],
+                     other=0.0).to(DT) * (mj * invn)[:, None]
+        z = (d[:, :, None] - mu[None, None, :]) * inv_s[None, None, :]
+        psi = tl.exp(-0.5 * z * z) * coef[None, None, :]
+        # pair (i, j) feeds out_i (weight g_i m_j) and, as d_ji = d_ij, out_j (weight g_j m_i)
+        wi = gi[:, None, :] * mj[None, :, None] * psi
+        zs = z * inv_s[None, None, :]
+        # d psi / d mu = psi z / s ; d psi / d s = psi (z^2 - 1) / s ; d psi / d d = -psi z / s
+        gmu += tl.sum(tl.sum(wi * zs, axis=1), axis=0)
+        gs += tl.sum(tl.sum(wi * (z * zs - inv_s[None, None, :]), axis=1), axis=0)
+        c = -tl.sum((wi + gj[None, :, :] * mi[:, None, None] * psi) * zs, axis=2) / d
+        gx0 += tl.sum(c * d0, axis=1)
+        gx1 += tl.sum(c * d1, axis=1)
+        gx2 += tl.sum(c * d2, axis=1)
     prow = (b * NUM_I_BLOCKS + pi) * K
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        in_k = offs_k < K
-        mu = tl.load(mu_ptr + offs_k, mask=in_k, other=0.0).to(DT)
-        s = tl.load(s_ptr + offs_k, mask=in_k, other=1.0).to(DT)
-        inv_s = 1.0 / s
-        coef = inv_s * 0.3989422804014327
-        # upstream gradient of row i already scaled by m_i / n_b (the pooling weight)
-        gi = tl.load(gb + offs_i[:, None] * K + offs_k[None, :], mask=in_i[:, None] & in_k[None, :],
-                     other=0.0).to(DT) * (mi * invn)[:, None]
-        gmu = tl.zeros([BLOCK_K], dtype=DT)
-        gs = tl.zeros([BLOCK_K], dtype=DT)
-        for j0 in range(0, j_end, BLOCK_J):
-            offs_j = j0 + tl.arange(0, BLOCK_J)
-            in_j = offs_j < N
-            mj, d0, d1, d2, d = _pair_tile(xb, m_ptr + b * N, xi0, xi1, xi2, offs_j, in_j, DT)
-            gj = tl.load(gb + offs_j[:, None] * K + offs_k[None, :], mask=in_j[:, None] & in_k[None, :],
-                         other=0.0).to(DT) * (mj * invn)[:, None]
-            z = (d[:, :, None] - mu[None, None, :]) * inv_s[None, None, :]
-            psi = tl.exp(-0.5 * z * z) * coef[None, None, :]
-            # pair (i, j) feeds out_i (weight g_i m_j) and, as d_ji = d_ij, out_j (weight g_j m_i)
-            wi = gi[:, None, :] * mj[None, :, None] * psi
-            wj = gj[None, :, :] * mi[:, None, None] * psi
-            zs = z * inv_s[None, None, :]
-            # d psi / d mu = psi z / s ; d psi / d s = psi (z^2 - 1) / s ; d psi / d d = -psi z / s
-            gmu += tl.sum(tl.sum(wi * zs, axis=1), axis=0)
-            gs += tl.sum(tl.sum(wi * (z * zs - inv_s[None, None, :]), axis=1), axis=0)
-            c = -tl.sum((wi + wj) * zs, axis=2) / d
-            gx0 += tl.sum(c * d0, axis=1)
-            gx1 += tl.sum(c * d1, axis=1)
-            gx2 += tl.sum(c * d2, axis=1)
-        tl.store(gmu_ptr + prow + offs_k, gmu, mask=in_k)
-        tl.store(gs_ptr + prow + offs_k, gs, mask=in_k)
-    gxb = gx_ptr + b * N * 3
+    tl.store(gmu_ptr + prow + offs_k, gmu, mask=in_k)
+    tl.store(gs_ptr + prow + offs_k, gs, mask=in_k)
+    gxb = gx_ptr + (pk * B + b) * N * 3
     tl.store(gxb + offs_i * 3 + 0, gx0, mask=in_i)
     tl.store(gxb + offs_i * 3 + 1, gx1, mask=in_i)
     tl.store(gxb + offs_i * 3 + 2, gx2, mask=in_i)
@@ -184,16 +186,16 @@ class GaussianEmbeddingFn(torch.autograd.Function):
         cdt = xc.dtype
         p = BWD_BLOCKS
         n_ib = triton.cdiv(N, p["BLOCK_I"]) if N > 0 else 0
-        gx = new_empty(*xc.shape, device=xc.device, dtype=cdt)
+        n_kb = triton.cdiv(K, p["BLOCK_K"]) if K > 0 else 0
+        gx_part = new_empty(n_kb, B, N, 3, device=xc.device, dtype=cdt)
         gmu_part = new_empty(B * n_ib, K, device=xc.device, dtype=cdt)
         gs_part = new_empty(B * n_ib, K, device=xc.device, dtype=cdt)
         if B * N * K > 0:
             gc = g.to(cdt).contiguous()
-            _gauss_bwd_kernel[(B, n_ib)](xc, m, invn, n_hi, muc, sc, gc, gx, gmu_part, gs_part, N, K, n_ib,
-                                         BLOCK_I=p["BLOCK_I"], BLOCK_J=p["BLOCK_J"], BLOCK_K=p["BLOCK_K"],
-                                         DT=tl_dtype(cdt), num_warps=p["num_warps"])
-        else:
-            gx.zero_()
+            _gauss_bwd_kernel[(B, n_ib, n_kb)](xc, m, invn, n_hi, muc, sc, gc, gx_part, gmu_part, gs_part, B, N, K,
+                                               n_ib, BLOCK_I=p["BLOCK_I"], BLOCK_J=p["BLOCK_J"],
+                                               BLOCK_K=p["BLOCK_K"], DT=tl_dtype(cdt), num_warps=p["num_warps"])
+        gx = gx_part.sum(0)
         xdt, mudt, sdt = ctx.dtypes
         gmu = gmu_part.sum(0).to(mudt)
         gs = gs_part.sum(0).to(sdt)
