@@ -29,3 +29,19 @@ def machine() -> dict:
             "numpy": numpy.__version__, "h5py": h5py.__version__, "host": platform.node(),
             # other jobs on a shared machine slow every number down: record how busy it was
             "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}
+
+
+def save(res: dict, stem: str, title: str, method: str, table: list[str]) -> None:
+    """Write benchmarks/results/<stem>.json and .md; the .md opens with the machine and how busy it was."""
+    import json
+    from pathlib import Path
+
+    res["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    m = res["machine"]
+    head = (f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; {m['date_utc']} UTC; load average "
+            f"{m['load_average_1_5_15min']} at the start, {res['load_average_end']} at the end (1/5/15 min; a "
+            "shared machine: other jobs were running, so treat the numbers as lower bounds). ")
+    (out / f"{stem}.md").write_text("\n".join([f"# {title}", "", head + method, "", *table, ""]))

@@ -9,7 +9,6 @@ Writes benchmarks/results/data_build.json and .md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, save  # noqa: E402
 
 from symdiff.data.qm9 import format_xyz  # noqa: E402
 from symdiff.data.shards import read_manifest, read_split, verify  # noqa: E402
@@ -123,29 +122,19 @@ def main() -> None:
                 [run(build_cmd(tar, a.work / f"tar{ranks}", ranks))], a.work / f"tar{ranks}", ranks=max(1, ranks))
         res["tar_same_molecules_as_npz"] = same_molecules(a.work / "npz0", a.work / "tar0")
 
-    res["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_build.json").write_text(json.dumps(res, indent=1) + "\n")
-    m = res["machine"]
-    lines = ["# Shard build throughput, full QM9 (130,831 molecules)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; {m['date_utc']} UTC; load average "
-             f"{m['load_average_1_5_15min']} at the start, {res['load_average_end']} at the end (1/5/15 min; a "
-             "shared machine: other jobs were running, so treat the numbers as lower bounds); "
-             f"`benchmarks/bench_build.py`. Best of the repeats, wall clock of the whole command "
-             "(process start, imports and MPI start-up included).", "",
-             "| case | ranks | wall seconds | molecules/s | CPU seconds per rank (process, imports included) |",
+    table = ["| case | ranks | wall seconds | molecules/s | CPU seconds per rank (process, imports included) |",
              "|---|---|---|---|---|"]
     for r in res["results"]:
-        lines.append(f"| {r['case']} | {r['ranks']} | {r['seconds_best']} | {r['molecules_per_s']:,} | "
+        table.append(f"| {r['case']} | {r['ranks']} | {r['seconds_best']} | {r['molecules_per_s']:,} | "
                      f"{r['rank_cpu_seconds_last']} |")
-    lines += ["", f"- serial and 2-rank builds from qm9.npz identical (shard sha256): {res['npz_serial_equals_mpi']}",
+    table += ["", f"- serial and 2-rank builds from qm9.npz identical (shard sha256): {res['npz_serial_equals_mpi']}",
               f"- raw xyz build counts {res['xyz_counts']}; same molecules/order/coordinates as the npz build: "
               f"{res['xyz_dir_same_molecules_as_npz']}; serial == 2 ranks: {res['xyz_serial_equals_mpi']}"]
     if a.tar:
-        lines.append(f"- .tar.bz2 build same molecules as npz: {res['tar_same_molecules_as_npz']}")
-    lines.append("")
-    (out / "data_build.md").write_text("\n".join(lines))
+        table.append(f"- .tar.bz2 build same molecules as npz: {res['tar_same_molecules_as_npz']}")
+    save(res, "data_build", "Shard build throughput, full QM9 (130,831 molecules)",
+         "`benchmarks/bench_build.py`. Best of the repeats, wall clock of the whole command (process start, imports "
+         "and MPI start-up included).", table)
     shutil.rmtree(a.work / "npz2", ignore_errors=True)
 
 

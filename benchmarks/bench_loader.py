@@ -8,7 +8,6 @@ Writes benchmarks/results/data_loader.json and .md. Target: >= 30,000 QM9 molecu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from _machine import machine, save  # noqa: E402
 
 from symdiff.data.build import build  # noqa: E402
 from symdiff.data.geom_like import make_geom_like  # noqa: E402
@@ -81,26 +80,17 @@ def main() -> None:
         r = {"data": name, **kw, **measure(root, "train", a.repeats, **kw)}
         res["results"].append(r)
         print(r, flush=True)
-    res["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "data_loader.json").write_text(json.dumps(res, indent=1) + "\n")
-    m = res["machine"]
-    lines = ["# Loader throughput (one process, OMP_NUM_THREADS=1)", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, {m['mem_gib']} GiB; {m['date_utc']} UTC; load average "
-             f"{m['load_average_1_5_15min']} at the start, {res['load_average_end']} at the end (1/5/15 min; a "
-             "shared machine: other jobs were running, so treat the numbers as lower bounds); "
-             "`benchmarks/bench_loader.py`. One epoch of the train split per measurement, median of "
-             f"{a.repeats} after one warm-up epoch; molecules/s counts the molecules this process yields (as padded "
-             "torch Batches). GEOM-like = real GEOM SMILES with RDKit conformers (synthetic, not GEOM-Drugs).", "",
-             "| data | batching | rank/world | molecules/s | padding fraction |", "|---|---|---|---|---|"]
+    table = ["| data | batching | rank/world | molecules/s | padding fraction |", "|---|---|---|---|---|"]
     for r in res["results"]:
         how = (f"token budget {r['max_atoms_per_batch']} atoms" if r.get("max_atoms_per_batch")
                else f"{r['batch_size']} molecules")
-        lines.append(f"| {r['data']} | {how} (global) | {r.get('rank', 0)}/{r.get('world_size', 1)} | "
+        table.append(f"| {r['data']} | {how} (global) | {r.get('rank', 0)}/{r.get('world_size', 1)} | "
                      f"{r['molecules_per_s_median']:,} | {r['padding_fraction']:.3f} |")
-    lines += ["", "Target: >= 30,000 QM9 molecules/s per process.", ""]
-    (out / "data_loader.md").write_text("\n".join(lines))
+    table += ["", "Target: >= 30,000 QM9 molecules/s per process."]
+    save(res, "data_loader", "Loader throughput (one process, OMP_NUM_THREADS=1)",
+         f"`benchmarks/bench_loader.py`. One epoch of the train split per measurement, median of {a.repeats} after "
+         "one warm-up epoch; molecules/s counts the molecules this process yields (as padded torch Batches). "
+         "GEOM-like = real GEOM SMILES with RDKit conformers (synthetic, not GEOM-Drugs).", table)
 
 
 if __name__ == "__main__":
