@@ -252,6 +252,16 @@ def test_geom_msgpack_bad_input(tmp_path):
                                                             "totalenergy": -1.0}]}}))
     with pytest.raises(DataError, match=r"molecule id 0: element\(s\) Z=\[54\]"):
         build("geom", p, tmp_path / "o", split_smiles="none")
+    # an empty conformer and a NaN coordinate: named without --skip-invalid, counted and skipped with it
+    p.write_bytes(msgpack.packb({"CO": {"conformers": [{"xyz": [], "totalenergy": -2.0},
+                                                       {"xyz": [[6, 0, 0, 0], [8, 1.4, 0, float("nan")]],
+                                                        "totalenergy": -1.0},
+                                                       {"xyz": [[6, 0, 0, 0], [8, 1.4, 0, 0]], "totalenergy": 0.0}]}}))
+    with pytest.raises(DataError, match="molecule id 0: empty molecule"):
+        build("geom", p, tmp_path / "o", split_smiles="none")
+    man = build("geom", p, tmp_path / "o", split_smiles="none", skip_invalid=True)
+    assert man["skipped"]["counts"] == {"empty molecule": 1, "non-finite": 1}
+    assert sum(s["n_molecules"] for s in man["splits"].values()) == 1
 
 
 def _rdkit_mol(z, x, q, bonds):

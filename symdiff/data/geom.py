@@ -190,6 +190,8 @@ class GeomMsgpack(_GeomSource):
             for j in lowest_energy(energies, self.keep):
                 try:
                     xyz = np.asarray(confs[j]["xyz"], dtype=np.float64)
+                    if xyz.size == 0:  # an empty conformer is judged (and skippable) like any invalid molecule
+                        xyz = xyz.reshape(0, 4)
                     if xyz.ndim != 2 or xyz.shape[1] != 4:
                         raise ValueError(f"'xyz' has shape {xyz.shape}, expected (n_atoms, 4)")
                 except (KeyError, TypeError, ValueError) as exc:
