@@ -142,6 +142,17 @@ def test_zero3_stop_and_resume_bitwise(tmp_path, shards):
     assert [s for s, r in m.items() if r["skipped"]] == [2] and m[STEPS]["nonfinite_total"] == 1
 
 
+def _tmp_dirs(ckdir: Path) -> dict[str, int]:
+    """Checkpoints being written: name -> inode (a re-created directory of the same name is a new write)."""
+    out = {}
+    for p in ckdir.glob(".tmp-step_*") if ckdir.is_dir() else []:
+        try:
+            out[p.name] = p.stat().st_ino
+        except FileNotFoundError:
+            pass
+    return out
+
+
 def test_sigkill_at_random_moments_resumes_from_last_complete_checkpoint(tmp_path, shards, ref_zero2):
     from symdiff.train import checkpoint as ckpt
 
@@ -154,6 +165,7 @@ def test_sigkill_at_random_moments_resumes_from_last_complete_checkpoint(tmp_pat
     expected: int | None = None  # step the next start must resume from (None: a fresh start)
     for attempt, kind in enumerate(["during_write", "random", "during_write", "finish"]):
         before = ckpt.complete_checkpoints(ckdir)
+        stale = _tmp_dirs(ckdir)  # left by the previous kill; the new start removes them
         log = tmp_path / f"attempt{attempt}.log"
         with open(log, "w") as fh:
             proc = subprocess.Popen(_cmd(run, shards, 2, *args), env=_env(env), stdout=fh, stderr=subprocess.STDOUT,
@@ -164,11 +176,11 @@ def test_sigkill_at_random_moments_resumes_from_last_complete_checkpoint(tmp_pat
                 deadline = time.time() + 300
                 killed_in_write = False
                 while time.time() < deadline and proc.poll() is None:
-                    writing = list(ckdir.glob(".tmp-step_*")) if ckdir.is_dir() else []
+                    writing = {k: v for k, v in _tmp_dirs(ckdir).items() if stale.get(k) != v}
                     done = ckpt.complete_checkpoints(ckdir)
                     if kind == "during_write" and writing and len(done) == len(before):
                         time.sleep(rng.uniform(0.0, 0.5))  # the write pauses 1 s before it is published
-                        killed_in_write = bool(list(ckdir.glob(".tmp-step_*")))
+                        killed_in_write = any(_tmp_dirs(ckdir).get(k) == v for k, v in writing.items())
                         break
                     if kind == "random" and len(done) > len(before):
                         time.sleep(rng.uniform(0.0, 1.0))

@@ -49,6 +49,8 @@ def test_launcher_discovery_maps_each_launcher_to_the_standard_variables():
     assert (d.rank, d.world_size, d.local_rank, d.launcher) == (3, 8, 1, "slurm")
     assert slurm["RANK"] == "3" and slurm["WORLD_SIZE"] == "8" and slurm["MASTER_ADDR"] == "10.0.0.7"
     assert slurm["MASTER_PORT"] == str(29500 + 1234)
+    step = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_ID": "1"}
+    assert discover(step).world_size == 1  # `srun -n 1` inside a bigger allocation
     ompi = {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
             "MASTER_ADDR": "h0", "MASTER_PORT": "4000"}
     d = discover(ompi)

@@ -69,7 +69,8 @@ def discover(env: dict[str, str] | None = None) -> DistEnv:
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         launcher = "slurm"
         env["RANK"] = env["SLURM_PROCID"]
-        env["WORLD_SIZE"] = env["SLURM_NTASKS"]
+        # A step may use fewer tasks than the allocation (`srun -n 1` inside an 8-task job): the step's count wins.
+        env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS", env["SLURM_NTASKS"])
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("MASTER_ADDR", _first_slurm_host(env))
         # Same port on every task without talking to each other: derive it from the job id.

@@ -267,8 +267,9 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
         # One small all-reduce per step: global loss, data counts, the data-order check, and the stop request.
         stats = torch.tensor([loss_sum, n_local, len(batch), float(batch.n_atoms.sum()), float(batch.mask.numel()),
                               float(batch.mol_ids.sum()), float((batch.mol_ids.double() ** 2).sum()),
-                              1.0 if stop.signum is not None else 0.0], dtype=torch.float64)
-        dist.all_reduce(stats)
+                              1.0 if stop.signum is not None else 0.0], dtype=torch.float64, device=device)
+        dist.all_reduce(stats)  # on the device: NCCL reduces only GPU tensors
+        stats = stats.cpu()
         g_loss = float(stats[0] / stats[1])
         window["steps"] += 1
         window["mols"] += float(stats[2])
