@@ -102,7 +102,7 @@ def test_every_job_kind_renders(cfg_file: Path, tmp_path: Path) -> None:
         assert subprocess.run(["bash", "-n"], input=r.script, text=True).returncode == 0
         assert ("--requeue" in _sbatch_lines(r.script)) == (job == "train")
     sample = render(SubmitOptions(job="sample", n_samples=500), cfg, tmp_path / "run").script
-    assert f"set -- {(tmp_path / 'run').resolve()} 500 qm9 edm" in sample
+    assert f"set -- {(tmp_path / 'run').resolve()} 500 qm9 edm shards/qm9" in sample
 
 
 def test_time_parsing() -> None:
@@ -137,3 +137,9 @@ def test_requeue_decision_without_requeueing() -> None:
     spent = _requeue_decision(EXIT_REQUEUE, 3)
     assert spent.returncode == EXIT_REQUEUE and "3 restarts reached" in spent.stderr
     assert "requeueing job" not in spent.stderr
+
+
+def test_signal_seconds_zero_means_no_warning_but_requeueable(cfg_file: Path) -> None:
+    r = render(SubmitOptions(job="train", time="00:01:00", signal_seconds=0), load_config(cfg_file), Path("run"))
+    opts = _sbatch_lines(r.script)
+    assert "--requeue" in opts and not any(o.startswith("--signal") for o in opts)

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mem", help="memory per node as sbatch takes it (e.g. 0 = all, 480G)")
     p.add_argument("--exclusive", action="store_true", help="whole nodes (recommended for multi-node GPU runs)")
     p.add_argument("--signal-seconds", type=int, default=300,
-                   help="train: seconds before the time limit at which SLURM sends USR1 (checkpoint + requeue)")
+                   help="train: seconds before the time limit at which SLURM sends USR1 (checkpoint + requeue); "
+                        "0 = no warning: the job checkpoints on SIGTERM at the limit and ends TIMEOUT, resumable")
     p.add_argument("--max-restarts", type=int, default=50, help="train: stop requeueing after this many")
     p.add_argument("--job-name")
     p.add_argument("--env-file", help="file sourced at job start for site settings/secrets (outside the repo)")

@@ -145,11 +145,13 @@ def sbatch_options(opts: SubmitOptions, kind: JobKind, run_dir: Path, workdir: P
     if opts.exclusive:
         out.append("--exclusive")
     if kind.requeue:
-        if not 0 < opts.signal_seconds < limit:
+        if not 0 <= opts.signal_seconds < limit:
             raise UserError(f"--signal-seconds {opts.signal_seconds} must be between 0 and the time limit "
                             f"({limit} s): it is how long before the limit the job is told to checkpoint")
-        # To the tasks (no "B:"), so every rank gets it directly, exactly like `scancel --signal=USR1`.
-        out += [f"--signal=USR1@{opts.signal_seconds}", "--requeue"]
+        if opts.signal_seconds > 0:
+            # To the tasks (no "B:"), so every rank gets it directly, exactly like `scancel --signal=USR1`.
+            out.append(f"--signal=USR1@{opts.signal_seconds}")
+        out.append("--requeue")
     # Append: a requeued job keeps the same id and log file, and must not wipe the log of its first start.
     out += ["--open-mode=append", f"--output={run_dir}/slurm/%x-%j.out", f"--chdir={workdir}"]
     for extra in opts.sbatch_args:
@@ -166,7 +168,7 @@ def _job_arguments(opts: SubmitOptions, cfg: Optional[DictConfig], config_path: 
     if opts.job == "sample":
         assert cfg is not None
         n = opts.n_samples if opts.n_samples is not None else int(cfg.sample.n_samples)
-        return [str(run_dir), str(n), str(cfg.data.dataset), opts.protocol]
+        return [str(run_dir), str(n), str(cfg.data.dataset), opts.protocol, str(cfg.data.root)]
     if opts.job == "profile":
         return [str(run_dir / "profile" / "kernels.json"), *opts.args]
     return list(opts.args)  # data: the arguments of `symdiff data build`
