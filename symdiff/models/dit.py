@@ -87,7 +87,7 @@ class Block(nn.Module):
     def __init__(self, hidden: int, num_heads: int, mlp_ratio: float) -> None:
         super().__init__()
         if hidden % num_heads:
-            raise ValueError(f"hidden size {hidden} is not divisible by {num_heads} heads")
+            raise ValueError(f"hidden size {hidden} is not divisible by {num_heads} attention heads")
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(hidden, 3 * hidden)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from symdiff import kernels
+from symdiff.config import ConfigError
 from symdiff.data.elements import alphabet as get_alphabet
 from symdiff.diffusion import edm
 from symdiff.diffusion.schedule import NoiseSchedule
@@ -82,20 +83,29 @@ class SymDiffModel(nn.Module):
         super().__init__()
         mc, dc = cfg.model, cfg.diffusion
         if mc.kind not in KINDS:
-            raise ValueError(f"model.kind '{mc.kind}' is not one of {', '.join(KINDS)}")
+            raise ConfigError(f"model.kind '{mc.kind}' is not one of {', '.join(KINDS)}")
         self.kind = str(mc.kind)
         self.backend = str(mc.kernel_backend)
-        self.alphabet = get_alphabet(cfg.data.dataset)
+        try:
+            self.alphabet = get_alphabet(cfg.data.dataset)
+        except ValueError as exc:
+            raise ConfigError(f"data.dataset: {exc}") from None
         self.include_charges = bool(cfg.data.include_charges)
         self.num_classes = self.alphabet.num_classes
         self.d = self.num_classes + (1 if self.include_charges else 0)
         nf = list(dc.normalize_factors)
         self.norm_x, self.norm_cat, self.norm_int = float(nf[0]), float(nf[1]), float(nf[2])
         if dc.parameterization != "eps":
-            raise ValueError(f"diffusion.parameterization '{dc.parameterization}' is not implemented (only 'eps')")
+            raise ConfigError(f"diffusion.parameterization '{dc.parameterization}' is not implemented (only 'eps')")
+        for width, heads, key in ((mc.hidden_size, mc.num_heads, "model.hidden_size/num_heads"),
+                                  (mc.gamma_hidden_size, mc.gamma_num_heads, "model.gamma_hidden_size/gamma_num_heads")):
+            if int(heads) < 1 or int(width) % int(heads):
+                raise ConfigError(f"{key}: {width} is not divisible into {heads} attention heads")
+        if not str(dc.schedule).startswith("polynomial_"):
+            raise ConfigError(f"diffusion.schedule '{dc.schedule}' is not supported (polynomial_<power>)")
         n_emb = int(mc.hidden_size) - int(mc.xh_hidden_size)
         if n_emb <= 0:
-            raise ValueError(f"model.hidden_size ({mc.hidden_size}) must exceed model.xh_hidden_size "
+            raise ConfigError(f"model.hidden_size ({mc.hidden_size}) must exceed model.xh_hidden_size "
                              f"({mc.xh_hidden_size}): the rest is the distance embedding")
         self.embedding = GaussianEmbedding(int(mc.num_gaussians), n_emb, backend=self.backend)
         self.eps_net = EpsNet(3 + self.d, int(mc.xh_hidden_size), int(mc.hidden_size), int(mc.depth),
