@@ -258,8 +258,10 @@ def test_single_process_run_guards_logs_and_retention(tmp_path, shards):
 
     run = tmp_path / "single"
     env = {"SYMDIFF_TEST_NAN_LOSS": "4", "SYMDIFF_TEST_NAN_GRAD": "6,7,8"}
+    # token-budget batches (size-sorted shards), 2 micro-batches accumulated in one process
     out = train(run, shards, 1, "train.max_steps=12", "train.zero_stage=0", "train.ckpt_every=1",
-                "train.max_nonfinite_in_a_row=2", "train.keep_last=5", env=env, expect=3)
+                "train.max_nonfinite_in_a_row=2", "train.keep_last=5", "data.max_atoms_per_batch=300", env=env,
+                expect=3)
     assert "3 steps in a row had a non-finite loss or gradient" in out
     m = metrics(run)
     assert [s for s, r in m.items() if r["skipped"]] == [4, 6, 7, 8]
@@ -283,6 +285,16 @@ def test_single_process_run_guards_logs_and_retention(tmp_path, shards):
                 "memory_gb"):
         assert isinstance(rec[key], float), key
     assert 0 < rec["grad_norm"] and 0 <= rec["padding_fraction"] < 1 and rec["lr"] == 5e-4
+    # one step per logged window: real atoms of the global batch = tokens/s / it/s, within the token budget
+    assert 100 < rec["tokens_per_s"] / rec["it_per_s"] <= 300 + 1e-6
+
+    # The same run directory with another architecture: refused by name, nothing written or removed.
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    out = train(run, shards, 1, "train.max_steps=12", "train.zero_stage=0", "data.max_atoms_per_batch=300",
+                "model.hidden_size=48", expect=1)
+    assert "config model.hidden_size: checkpoint 32 vs now 48" in out and "nothing was changed" in out
+    assert re.search(r"parameter \S+: checkpoint shape \(\d+, 32\) vs model shape \(\d+, 48\)", out), out[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
 
 
 def test_checkpoint_integrity_mismatch_and_export(tmp_path, ref_zero2):
