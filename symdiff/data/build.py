@@ -102,6 +102,12 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
 
     # CPU seconds per rank show how the work was split even on a machine busy with other jobs.
     mine = (entries, skipped.to_dict(), error, info, round(time.process_time(), 3))
+    if comm is not None:
+        # Open MPI's blocking collectives busy-poll: a rank that finishes first would spin at 100 % CPU and steal a
+        # core from the ranks still parsing. Wait for everybody with a sleeping poll instead.
+        req = comm.Ibarrier()
+        while not req.Test():
+            time.sleep(0.005)
     gathered = comm.gather(mine, root=0) if comm is not None else [mine]
     man = None
     final_error = None
