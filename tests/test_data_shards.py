@@ -234,3 +234,31 @@ def test_molecule_set_select_gathers_the_right_atoms():
         assert np.array_equal(s.molecule(k)[1], m.positions[a:b])
         assert s.formal_charges[s.offsets[k]:s.offsets[k + 1]].tolist() == m.formal_charges[a:b].tolist()
     assert len(m.select(np.zeros(0, np.int64))) == 0
+
+
+def test_missing_formal_charges_are_named(bundled, tmp_path):
+    d = _copy(bundled, tmp_path / "q")
+    man = read_manifest(d)
+    ent = man["splits"]["test"]["shards"][0]
+    shard = d / ent["path"]
+    with h5py.File(shard, "a") as f:
+        del f["formal_charges"]
+    from symdiff.data.shards import sha256_file
+    ent["sha256"] = sha256_file(shard)  # a consistent checksum: only the structure is wrong
+    (d / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DataError, match=f"{shard}: missing array 'formal_charges'"):
+        verify(d)
+
+
+def _ensure(path: str) -> str:
+    return str(ensure_bundled_shards(path))
+
+
+def test_ensure_bundled_from_two_processes_at_once(tmp_path):
+    import multiprocessing as mp
+    target = str(tmp_path / "shared_cache" / "qm9")
+    with mp.get_context("spawn").Pool(2) as pool:
+        got = pool.map(_ensure, [target, target])
+    assert got == [target, target]
+    assert verify(target)["splits"]["train"]["n_molecules"] == 6000
+    assert sorted(p.name for p in (tmp_path / "shared_cache").iterdir()) == ["qm9"]  # no temp dirs left
