@@ -1,7 +1,9 @@
 """Geometric hot-path ops with dispatch between fused Triton kernels and plain PyTorch references.
 
-Public entry points (stable): ``gaussian_embedding``, ``com_project_rotate``, ``batched_qr``. ``backend`` is
-"auto" (Triton for CUDA tensors, reference elsewhere), "triton" or "torch". Imported as ``symdiff.kernels``.
+Public entry points (stable): ``gaussian_embedding``, ``com_project_rotate`` (and its packed form
+``com_project_rotate_varlen``), ``batched_qr``. ``backend`` is "auto" (Triton for CUDA tensors, reference
+elsewhere), "triton" or "torch"; the config switch is ``model.kernel_backend``. Imported as ``symdiff.kernels``.
+See docs/kernels.md.
 """
 from __future__ import annotations
 
@@ -63,4 +65,5 @@ def batched_qr(M: torch.Tensor, backend: str = "auto") -> torch.Tensor:
 
 
 __all__ = ["gaussian_embedding", "com_project_rotate", "com_project_rotate_varlen", "batched_qr", "masked_mean",
-           "BACKENDS", "gaussian_embedding_ref", "com_project_rotate_ref", "com_project_rotate_varlen_ref", "batched_qr_ref"]
+           "BACKENDS", "gaussian_embedding_ref", "com_project_rotate_ref", "com_project_rotate_varlen_ref",
+           "batched_qr_ref"]

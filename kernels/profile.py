@@ -95,7 +95,10 @@ def _make_case(kernel: str, shape: str, B: int, N: int, K: int, device: torch.de
             sigma.uniform_(0, 3)
         pairs = B * N * N
         nbk = B * N * K * f4
-        n_part = B * math.ceil(N / 16) * K * f4 * 2
+        from symdiff.kernels.gaussian import BWD_BLOCKS
+        # the backward's partial sums: mu and s per i-block, x per k-block
+        n_part = (B * math.ceil(N / BWD_BLOCKS["BLOCK_I"]) * K * 2
+                  + math.ceil(K / BWD_BLOCKS["BLOCK_K"]) * B * N * 3) * f4
         return Case(kernel, shape, B, N, K, [x, mu, sigma],
                     lambda a, m, s: kx.gaussian_embedding_ref(a, mask, m, s),
                     lambda a, m, s: kx.gaussian_embedding(a, mask, m, s, backend="triton"),
@@ -322,7 +325,8 @@ def run(args: argparse.Namespace) -> int:
                                         else {"skipped": "--no-compile"})
                 variants["triton"] = (_measure(bench, case, case.fused, mode, ceil)
                                       if device.type == "cuda" else {"skipped": CPU_TRITON_SKIP})
-                row = {"kernel": kernel, "shape": shape, "B": B, "N": N if kernel != "qr" else None, "K": K if kernel == "gaussian" else None,
+                row = {"kernel": kernel, "shape": shape, "B": B, "N": N if kernel != "qr" else None,
+                       "K": K if kernel == "gaussian" else None,
                        "mode": mode, "bytes": case.bytes[mode], "flops": case.flops[mode],
                        "memory_bound": MEMORY_BOUND[kernel], "variants": variants}
                 _add_comparisons(row, err)
@@ -344,6 +348,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _add_comparisons(row: dict[str, Any], err: float | None) -> None:
     v = row["variants"]
+    if "median_ms" in v["compiled"]:
+        v["compiled"]["speedup_vs_eager"] = v["eager"]["median_ms"] / v["compiled"]["median_ms"]
     tri = v["triton"]
     if "median_ms" not in tri:
         return

@@ -34,6 +34,7 @@ def test_profile_cpu_table_and_json(tmp_path, capsys):
             assert m["GBps"] == pytest.approx(r["bytes"] / (m["median_ms"] * 1e-3) / 1e9)
             assert m["frac_copy_bw"] == pytest.approx(m["GBps"] / rep["ceilings"]["copy_GBps"])
             assert m["peak_MB"] is not None and m["peak_MB"] >= 0
+        assert v["compiled"]["speedup_vs_eager"] == pytest.approx(v["eager"]["median_ms"] / v["compiled"]["median_ms"])
 
 
 def test_profile_gaussian_cpu_caps_the_reference_batch(tmp_path):
