@@ -260,8 +260,8 @@ def test_single_process_run_guards_logs_and_retention(tmp_path, shards):
     env = {"SYMDIFF_TEST_NAN_LOSS": "4", "SYMDIFF_TEST_NAN_GRAD": "6,7,8"}
     # token-budget batches (size-sorted shards), 2 micro-batches accumulated in one process
     out = train(run, shards, 1, "train.max_steps=12", "train.zero_stage=0", "train.ckpt_every=1",
-                "train.max_nonfinite_in_a_row=2", "train.keep_last=5", "data.max_atoms_per_batch=300", env=env,
-                expect=3)
+                "train.max_nonfinite_in_a_row=2", "train.keep_last=5", "data.max_atoms_per_batch=300",
+                "train.eval_every=3", "train.eval_samples=40", "sample.batch_size=16", env=env, expect=3)
     assert "3 steps in a row had a non-finite loss or gradient" in out
     m = metrics(run)
     assert [s for s, r in m.items() if r["skipped"]] == [4, 6, 7, 8]
@@ -276,6 +276,15 @@ def test_single_process_run_guards_logs_and_retention(tmp_path, shards):
         assert all(torch.equal(wa[k], wb[k]) for k in wa) is same, (a, b)  # a skipped step changes nothing
         assert all(torch.equal(ea[k], eb[k]) for k in ea) is same, (a, b)
 
+    # periodic validation NLL with the EMA weights (steps 3 and 6 are multiples of eval_every; 6 was skipped)
+    evals = [json.loads(ln) for ln in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [3] and evals[0]["val_molecules"] == 40
+    from symdiff.config import from_dict
+    from symdiff.train.trainer import validation_nll
+
+    st = ckpt.read_state(tag(3))  # the EMA at step 3 gives the logged value again, to the bit
+    again = validation_nll(from_dict(st["config"]), st["ema"], st["buffers"], 3, torch.device("cpu"))
+    assert again == {"val_nll": evals[0]["val_nll"], "val_molecules": 40}
     assert "max_steps: 12" in (run / "config.yaml").read_text()
     ds = json.loads((run / "deepspeed_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 0 and ds["optimizer"]["params"]["amsgrad"] is True

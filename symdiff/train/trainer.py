@@ -118,6 +118,31 @@ def _rewind_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+@torch.no_grad()
+def validation_nll(cfg: DictConfig, ema: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], step: int,
+                   device: torch.device) -> dict[str, float]:
+    """Mean per-molecule NLL (the paper's bound, EMA weights) on the first ``train.eval_samples`` molecules of the
+    validation split, on this process alone. Its randomness is seeded by the step, so it is repeatable and
+    leaves the training streams alone."""
+    from symdiff.data.loader import ShardLoader
+    from symdiff.models import build_model
+
+    model = build_model(cfg)
+    model.load_state_dict({**{k: v.cpu() for k, v in ema.items()}, **buffers}, strict=False)
+    model.to(device).eval()
+    loader = ShardLoader(cfg.data.root, cfg.data.val_split, batch_size=int(cfg.sample.batch_size), shuffle=False)
+    torch.manual_seed(seed_of(int(cfg.train.seed), step, 1 << 30))
+    total, count = 0.0, 0
+    for batch in loader:
+        take = min(len(batch), int(cfg.train.eval_samples) - count)
+        nll = model.nll(batch.to(device))[:take]
+        total += float(nll.double().sum())
+        count += take
+        if count >= int(cfg.train.eval_samples):
+            break
+    return {"val_nll": total / max(count, 1), "val_molecules": count}
+
+
 def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
     """Train ``cfg`` in ``run_dir`` on this process's rank. Returns the process exit code (0, 75 requeue, 3)."""
     # ---------------------------------------------------------------- processes and devices
@@ -213,6 +238,7 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=1) + "\n")
         _rewind_metrics(metrics_path, step)
+        _rewind_metrics(run_dir / "eval.jsonl", step)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -317,6 +343,17 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
                           int(t.max_nonfinite_in_a_row), nonfinite_total, ckpt.newest_complete(ckpt_dir))
             exit_code = EXIT_NONFINITE
             break
+        if int(t.eval_every) > 0 and step % int(t.eval_every) == 0 and not skipped:
+            if rank == 0:  # no collective needed: every rank holds the full EMA
+                ema_state = ema.state_dict()
+                buffers = {k: v.detach().cpu() for k, v in engine.module.model.state_dict().items() if k not in shapes}
+                val = validation_nll(cfg, ema_state, buffers, step, device)
+                with open(run_dir / "eval.jsonl", "a") as f:
+                    f.write(json.dumps({"step": step, **val}) + "\n")
+                if writer is not None:
+                    writer.add_scalar("val/nll", val["val_nll"], step)
+                log.info("step %d: validation NLL %.4f over %d molecules (EMA weights)", step, val["val_nll"],
+                         val["val_molecules"])
         preempted = float(stats[7]) > 0
         if step % int(t.ckpt_every) == 0 or step == int(t.max_steps) or preempted:
             path = save()
