@@ -14,7 +14,6 @@ import math
 import os
 import resource
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
