@@ -17,7 +17,8 @@ from ._common import check_launchable, compute_dtype, new_empty, tl_dtype
 
 # Tile sizes. Not yet timed on a GPU: chosen from sm_90 register counts of the ahead-of-time build
 # (``python -m symdiff.kernels.compile_check``): the forward at 96 registers/thread fits 5 blocks per SM; the
-# backward needs 255 without spilling at this tile (smaller tiles do not lower it; larger ones spill).
+# backward needs 255 without spilling at this tile (as do others with the same values per thread; a 16x8x16 tile
+# needs ~165 but does a quarter of the work per program; larger tiles spill). Retune with profile numbers.
 FWD_BLOCKS = dict(BLOCK_I=16, BLOCK_J=16, BLOCK_K=32, num_warps=4)
 BWD_BLOCKS = dict(BLOCK_I=16, BLOCK_J=16, BLOCK_K=32, num_warps=8)
 

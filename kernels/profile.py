@@ -33,8 +33,11 @@ from symdiff.errors import UserError
 
 KERNELS = ("gaussian", "com", "qr")
 # name -> (batch B, atoms N). qm9 / geom are the training shapes (SPEC: QM9 <= 29 atoms, GEOM-Drugs <= 181);
-# "stream" is a large batch for the memory-bound ops, where launch latency no longer hides the bandwidth.
-SHAPES: dict[str, tuple[int, int]] = {"qm9": (256, 29), "geom": (64, 181), "stream": (16384, 29)}
+# "stream" is a large batch for the memory-bound ops: at the training shapes they move well under 1 MB, a few
+# microseconds at H100 bandwidth, so launch latency decides their time. The stream batch moves ~0.2-0.3 GB per
+# call (QR per molecule moves 1/12 of what CoM does for 29 atoms, hence its larger B), enough to measure bandwidth.
+SHAPES: dict[str, tuple[int, int]] = {"qm9": (256, 29), "geom": (64, 181), "stream": (262144, 29)}
+STREAM_BATCH = {"com": 262144, "qr": 4194304}
 DEFAULT_SHAPES = ("qm9", "geom", "stream")
 MEMORY_BOUND = {"gaussian": False, "com": True, "qr": True}
 TARGETS = {"speedup_vs_eager": 3.0, "speedup_vs_compiled": 1.5, "frac_copy_bw": 0.70}
@@ -304,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
             if shape == "stream" and not MEMORY_BOUND[kernel]:
                 continue
             B, N = SHAPES[shape]
+            if shape == "stream":
+                B = STREAM_BATCH[kernel]
             B = args.batch or B
             N = args.atoms or N
             if device.type == "cpu":
