@@ -79,7 +79,7 @@ symdiff_srun() {
 }
 
 # Run a training command; if it reports "checkpointed after a preemption/time-limit signal", requeue this job
-# so that the next start resumes from that checkpoint in the same run directory.
+# so that the next start resumes from that checkpoint in the same run directory. Crashes are not requeued.
 symdiff_train_with_requeue() {
     local code=${SYMDIFF_PREEMPT_EXIT:?SYMDIFF_PREEMPT_EXIT must be set}
     local max=${SYMDIFF_MAX_RESTARTS:-50}
@@ -94,7 +94,7 @@ symdiff_train_with_requeue() {
     # resumes exactly as after a checkpointed stop.
     local killed_by_usr1=$((128 + $(kill -l USR1)))
     if [ "$rc" -eq "$killed_by_usr1" ]; then
-        symdiff_log "signal arrived during start-up (exit code $rc): resuming from the last complete checkpoint"
+        symdiff_log "signal arrived during start-up (exit code $rc), before the trainer could catch it"
         rc=$code
     fi
     if [ "$rc" -ne "$code" ]; then
@@ -102,10 +102,10 @@ symdiff_train_with_requeue() {
         return "$rc"
     fi
     if [ "${SLURM_RESTART_COUNT:-0}" -ge "$max" ]; then
-        symdiff_log "checkpointed after a signal, but $max restarts reached: not requeueing (resubmit to go on)"
+        symdiff_log "stopped by a preemption signal, but $max restarts reached: not requeueing (resubmit to go on)"
         return "$rc"
     fi
-    symdiff_log "checkpointed after a signal: requeueing job $SLURM_JOB_ID"
+    symdiff_log "stopped by a preemption signal: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID" || symdiff_die "scontrol requeue $SLURM_JOB_ID failed; resubmit to resume"
     # The controller now ends this allocation; nothing more to do here.
     return 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from contextlib import closing
 from pathlib import Path
@@ -238,12 +240,23 @@ def cluster_fixture() -> Iterator[SlurmCluster]:
         pytest.skip(f"SLURM unavailable: {exc}")
     root = Path(tempfile.mkdtemp(prefix="symdiff-slurm-"))
     cluster = SlurmCluster(root)
+    # A test run stopped with SIGTERM (a CI timeout, kill PID) would otherwise die without teardown and leave the
+    # three daemons running: turn it into an exception so that the `finally` below stops them.
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def _terminate(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         # Installed but not starting is a real failure (with the daemons' logs), not a skip.
         cluster.start()
         yield cluster
     finally:
         cluster.stop()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
         if os.environ.get("SYMDIFF_KEEP_SLURM_DIR") != "1":
             shutil.rmtree(root, ignore_errors=True)
 

@@ -78,6 +78,9 @@ def test_frozen_config_carries_overrides(cfg_file: Path, tmp_path: Path) -> None
     (["--partition", "gpu; rm -rf /"], "only letters"),
     (["--time", "00:04:00", "--signal-seconds", "300"], "signal-seconds"),
     (["--nodes", "0"], "--nodes must be >= 1"),
+    (["--tasks-per-node", "0"], "--tasks-per-node must be >= 1"),
+    (["--cpus-per-task", "0"], "--cpus-per-task must be >= 1"),
+    (["--job", "sample", "--nodes", "2"], "one task on one node"),
     (["--sbatch-arg", "constraint=h100"], "one long option"),
     (["--env-file", str(REPO / "secrets.env")], "outside the repository"),
 ])

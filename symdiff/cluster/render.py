@@ -121,12 +121,16 @@ def sbatch_options(opts: SubmitOptions, kind: JobKind, run_dir: Path, workdir: P
     gpus = kind.default_gpus if opts.gpus_per_node is None else opts.gpus_per_node
     if gpus < 0:
         raise UserError(f"--gpus-per-node must be >= 0, got {gpus}")
-    tasks = opts.tasks_per_node or kind.default_tasks_per_node or max(gpus, 1)
+    tasks = opts.tasks_per_node
+    if tasks is None:
+        tasks = kind.default_tasks_per_node or max(gpus, 1)
     if tasks < 1:
         raise UserError(f"--tasks-per-node must be >= 1, got {tasks}")
     if kind.default_tasks_per_node == 1 and (tasks != 1 or opts.nodes != 1):
         raise UserError(f"--job {opts.job} runs as one task on one node")
-    cpus = opts.cpus_per_task or kind.default_cpus_per_task
+    cpus = kind.default_cpus_per_task if opts.cpus_per_task is None else opts.cpus_per_task
+    if cpus < 1:
+        raise UserError(f"--cpus-per-task must be >= 1, got {cpus}")
     limit = time_to_seconds(opts.time)
     for p in (run_dir, workdir):
         _safe("path", str(p))
