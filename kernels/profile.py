@@ -209,7 +209,9 @@ def _fwd(f: Callable, inputs: list[torch.Tensor]) -> Callable[[], Any]:
 
 def _fwd_bwd(f: Callable, inputs: list[torch.Tensor]) -> Callable[[], Any]:
     with torch.no_grad():
-        gout = torch.randn_like(f(*inputs))
+        out = f(*inputs)
+    # randn of the shape, not randn_like: the latter follows the output's strides, which differ between variants
+    gout = torch.randn(out.shape, dtype=out.dtype, device=out.device)
 
     def run() -> Any:
         out = f(*inputs)
