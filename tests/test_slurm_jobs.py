@@ -248,3 +248,20 @@ def test_time_limit_leaves_a_resumable_run(slurm: SlurmCluster, train_config: Pa
     # both jobs' ids are on record in the run directory
     history = [json.loads(line)["job_id"] for line in (run_dir / "slurm" / "jobs.jsonl").read_text().splitlines()]
     assert history == [job, job2]
+
+
+def test_sample_eval_job_on_the_trained_run(slurm: SlurmCluster, train_config: Path,
+                                            uninterrupted: tuple[Path, dict[str, str]]) -> None:
+    run_dir = uninterrupted[0]
+    job = submit(slurm, "--job", "sample", "--config", str(train_config), "--gpus-per-node", "0",
+                 "--cpus-per-task", "1", "--time", "00:10:00", "--n", "4", "--run-dir", str(run_dir),
+                 "sample.steps=20", cwd=train_config.parent)
+    info = slurm.wait_job(job, timeout=600)
+    log = job_log(run_dir)
+    assert info["JobState"] == "COMPLETED", log
+    assert "20 steps" in log  # the submitted config's sample section reached `symdiff sample`
+    sdf = run_dir / "samples" / f"samples-{job}.sdf"
+    assert sdf.read_text().count("$$$$") == 4
+    ev = json.loads(sdf.with_suffix(".eval.json").read_text())
+    assert (ev["protocol"], ev["dataset"], ev["n_molecules"]) == ("edm", "qm9", 4)
+    assert 0.0 <= ev["validity"] <= 1.0 and ev["novelty"] is not None  # data.root gave the novelty reference

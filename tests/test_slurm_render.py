@@ -105,7 +105,8 @@ def test_every_job_kind_renders(cfg_file: Path, tmp_path: Path) -> None:
         assert subprocess.run(["bash", "-n"], input=r.script, text=True).returncode == 0
         assert ("--requeue" in _sbatch_lines(r.script)) == (job == "train")
     sample = render(SubmitOptions(job="sample", n_samples=500), cfg, tmp_path / "run").script
-    assert f"set -- {(tmp_path / 'run').resolve()} 500 qm9 edm shards/qm9" in sample
+    assert f"set -- {(tmp_path / 'run').resolve()} 500 qm9 edm shards/qm9 --steps 1000 --batch-size 100 --seed 0\n" \
+        in sample
 
 
 def test_time_parsing() -> None:

@@ -172,7 +172,11 @@ def _job_arguments(opts: SubmitOptions, cfg: Optional[DictConfig], config_path: 
     if opts.job == "sample":
         assert cfg is not None
         n = opts.n_samples if opts.n_samples is not None else int(cfg.sample.n_samples)
-        return [str(run_dir), str(n), str(cfg.data.dataset), opts.protocol, str(cfg.data.root)]
+        # The run's own config describes the model; the submitted config's sample section says how to sample.
+        s = cfg.sample
+        return [str(run_dir), str(n), str(cfg.data.dataset), opts.protocol, str(cfg.data.root),
+                "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--seed", str(s.seed),
+                *([] if s.use_ema else ["--no-ema"])]
     if opts.job == "profile":
         return [str(run_dir / "profile" / "kernels.json"), *opts.args]
     return list(opts.args)  # data: the arguments of `symdiff data build`
