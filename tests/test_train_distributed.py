@@ -231,10 +231,11 @@ def test_resume_on_another_world_size(tmp_path, shards, ref_zero2):
     _assert_same_trajectory(one, ref_zero2, first=5)
     # amsgrad's running maximum survived the conversion (DeepSpeed's converter alone drops it)
     assert list((one / "checkpoints" / "universal" / "step_00000004" / "zero").glob("*/max_exp_avg_sq.pt"))
-    # 1 -> 2: start alone, continue on two processes.
+    # 1 -> 2: start alone, continue on two processes (and ZeRO-1 -> ZeRO-2 on the way: the same maths).
     two = tmp_path / "one_to_two"
-    train(two, shards, 1, "train.max_steps=4", *args[1:])
-    train(two, shards, 2, *args)
+    train(two, shards, 1, "train.max_steps=4", "train.zero_stage=1", "train.ckpt_every=2")
+    out = train(two, shards, 2, *args)
+    assert "(1 -> 2 ranks, stage 1 -> 2)" in out
     _assert_same_trajectory(two, ref_zero2)
 
 
@@ -329,6 +330,13 @@ def test_checkpoint_integrity_mismatch_and_export(tmp_path, ref_zero2):
         ckpt.find_resume(run, "never")
 
     tag = ckdir / "step_00000004"
+    # which resumes need DeepSpeed's universal format, and which DeepSpeed cannot do at all
+    assert ckpt.plan_resume(tag, 2, 2, ckdir).universal is False
+    assert ckpt.plan_resume(tag, 2, 1, ckdir).universal is False  # ZeRO 1 and 2 share a layout
+    assert ckpt.plan_resume(tag, 1, 2, ckdir).universal is True
+    for stage in (0, 3):
+        with pytest.raises(CheckpointError, match=f"saved with ZeRO stage 2, now train.zero_stage={stage}"):
+            ckpt.plan_resume(tag, 2, stage, ckdir)
     state = ckpt.read_state(tag)
     cfg = load_config(CONFIG, [f"data.root={run}", *TINY, "model.hidden_size=48"])
     model = build_model(cfg)

@@ -317,12 +317,15 @@ def plan_resume(tag_dir: Path, world_size: int, zero_stage: int, ckpt_dir: Path)
         raise CheckpointError(f"{tag_dir}: incomplete checkpoint")
     state = read_state(tag_dir)
     old_ws, old_stage = int(meta["world_size"]), int(meta["zero_stage"])
-    if (old_stage == 0) != (zero_stage == 0):
-        raise CheckpointError(f"{tag_dir}: saved with ZeRO stage {old_stage}, now stage {zero_stage}; switching "
-                              f"between stage 0 and ZeRO is not supported on resume (export the weights with "
-                              f"tools/convert_checkpoint.py and start a new run)")
-    # ZeRO 1 and 2 share a layout; anything else that changes the partitioning goes through universal format.
-    same_layout = old_ws == world_size and (old_stage == zero_stage or {old_stage, zero_stage} == {1, 2})
+    # Stages 1 and 2 share a layout; DeepSpeed 0.19.8 cannot load stage 0 or 1/2 files into stage 3 or back
+    # (measured: its loader looks for the other stage's model-state files), even through universal format.
+    family = {0: "0", 1: "1/2", 2: "1/2", 3: "3"}
+    if family.get(old_stage) != family.get(zero_stage):
+        raise CheckpointError(f"{tag_dir}: saved with ZeRO stage {old_stage}, now train.zero_stage={zero_stage}; "
+                              f"DeepSpeed can only resume stage 1 <-> 2 or the same stage. Resume with "
+                              f"train.zero_stage={old_stage}, or export the weights with tools/convert_checkpoint.py "
+                              f"and start a new run")
+    same_layout = old_ws == world_size
     universal = zero_stage > 0 and not same_layout
     return ResumePlan(tag_dir, meta, state, universal, ckpt_dir)
 
