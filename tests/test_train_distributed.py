@@ -32,7 +32,15 @@ STEPS = 8
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
+    from deepspeed.accelerator import get_accelerator
+
     from symdiff.data.bundled import ensure_bundled_shards
+
+    # DeepSpeed JIT-builds a small shared-memory op at every process-group start (30-110 s cold, then cached in
+    # TORCH_EXTENSIONS_DIR): build it once here rather than in two racing ranks of the first test.
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        builder.load(verbose=False)
 
     return ensure_bundled_shards(tmp_path_factory.mktemp("data") / "qm9_bundled")
 
