@@ -326,6 +326,13 @@ def test_checkpoint_integrity_mismatch_and_export(tmp_path, ref_zero2):
     shutil.copytree(ref_zero2, run)
     ckdir = run / "checkpoints"
     assert ckpt.newest_complete(ckdir).name == "step_00000008"
+    # our fp32 reassembly of ZeRO-1/2 shards (needed for bf16 files) equals DeepSpeed's zero_to_fp32
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    theirs = get_fp32_state_dict_from_zero_checkpoint(str(ckdir), tag="step_00000008")
+    ours = ckpt.fp32_weights(ckdir / "step_00000008")
+    assert {f"model.{k}" for k in ours} == set(theirs)
+    assert all(torch.equal(ours[k], theirs[f"model.{k}"]) for k in ours)
     victim = ckdir / "step_00000008" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
@@ -369,3 +376,23 @@ def test_checkpoint_integrity_mismatch_and_export(tmp_path, ref_zero2):
             assert torch.equal(dict(m_raw.named_parameters())[k].detach(), weights[k]), (src, k)
         assert not m_ema.training
         assert float(m_ema.n_atoms_hist.sum()) == 6000.0  # p(N) of the training split travelled along
+
+
+def test_bf16_code_path_on_cpu(tmp_path, shards):
+    """The GPU default (bf16) run on CPU: fp32 master weights (stage 0 runs as ZeRO-1), DeepSpeed's bf16 overflow
+    check skips a NaN gradient, and the EMA and the export stay fp32."""
+    from symdiff.train import checkpoint as ckpt
+
+    run = tmp_path / "bf16"
+    train(run, shards, 1, "train.max_steps=3", "train.zero_stage=0", "train.precision=bf16", "train.ckpt_every=1",
+          env={"SYMDIFF_TEST_NAN_GRAD": "2"})
+    m = metrics(run)
+    assert [s for s, r in m.items() if r["skipped"]] == [2]
+    meta = json.loads((run / "checkpoints" / "step_00000003" / "COMPLETE.json").read_text())
+    assert meta["bf16"] is True and meta["zero_stage"] == 1
+    w1, w2, w3 = (ckpt.fp32_weights(run / "checkpoints" / ckpt.tag_for(s)) for s in (1, 2, 3))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1) and not all(torch.equal(w2[k], w3[k]) for k in w2)
+    ema = ckpt.read_state(run / "checkpoints" / "step_00000003")["ema"]
+    assert all(v.dtype == torch.float32 for v in ema.values())
+    # the fp32 master weights are not bf16-rounded copies: some value is not representable in bf16
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in w3.values())

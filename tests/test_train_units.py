@@ -34,6 +34,11 @@ def test_deepspeed_json_is_generated_from_train_section():
     assert warm["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 1e-3, "warmup_num_steps": 100,
                                            "warmup_type": "linear"}
     assert deepspeed_config(cfg, world_size=2, load_universal=True)["checkpoint"]["load_universal"] is True
+    # bf16 keeps fp32 master weights: stage 0 runs as ZeRO-1, with DeepSpeed's overflow check on
+    bf16 = deepspeed_config(_cfg("train.zero_stage=0", "train.precision=bf16"), world_size=1)
+    assert bf16["zero_optimization"]["stage"] == 1 and bf16["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert bf16["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert deepspeed_config(_cfg("train.zero_stage=0", "train.precision=fp32"), 1)["zero_optimization"]["stage"] == 0
 
 
 @pytest.mark.parametrize("bad", ["train.zero_stage=4", "train.grad_shards=3", "train.precision=fp16"])

@@ -362,15 +362,36 @@ def convert_to_universal(tag_dir: Path, ckpt_dir: Path) -> Path:
 _CONVERTED = ("exp_avg", "exp_avg_sq", "step")
 
 
+def _by_rank(paths) -> list[Path]:
+    # zero_pp_rank_<dp>_mp_rank_00_... (bf16 ZeRO-1 files carry a "bf16_" prefix)
+    return sorted(paths, key=lambda p: int(re.search(r"zero_pp_rank_(\d+)_", p.name).group(1)))
+
+
+def _optim_files(tag_dir: Path) -> list[Path]:
+    return _by_rank(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+
+
+def _stage12_fp32_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 master weights of a ZeRO-1/2 checkpoint (also DeepSpeed's bf16 ZeRO-1 files, which its own
+    zero_to_fp32 rejects): each rank's flat fp32 partition holds consecutive fragments of the parameters."""
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for f in _optim_files(tag_dir):
+        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            flat = osd["single_partition_of_fp32_groups"][g]
+            for name, frag in mapping.items():
+                pieces.setdefault(name, []).append(flat[frag.start:frag.start + frag.numel])
+    shapes = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {name: torch.cat(p).reshape(shapes[name].shape).float().clone() for name, p in pieces.items()}
+
+
 def _extra_optimizer_states(tag_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """{param name: {state key: full flat tensor}} for optimizer states ds_to_universal does not convert."""
-    optim_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                         key=lambda p: int(p.name.split("_")[3]))
+    optim_files = _optim_files(tag_dir)
     if not optim_files:
         return {}
     parts: dict[str, dict[str, list[torch.Tensor]]] = {}
-    model_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
-                         key=lambda p: int(p.name.split("_")[3]))
+    model_files = _by_rank(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
     stage3 = bool(model_files)
     dp = len(optim_files)
     numels: dict[str, int] = {}
@@ -475,8 +496,12 @@ def fp32_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
     meta = verify(tag_dir, checksums=False)
     if meta is None:
         raise CheckpointError(f"{tag_dir}: incomplete checkpoint")
-    if int(meta["zero_stage"]) == 0 and not meta.get("bf16"):
+    if int(meta["zero_stage"]) == 0:
         sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    elif int(meta["zero_stage"]) in (1, 2):
+        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        # buffers (not optimised) from the module state, parameters from the fp32 master partitions
+        sd = {**{k: v for k, v in module.items()}, **_stage12_fp32_weights(tag_dir)}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -21,8 +21,7 @@ def use_bf16(cfg: DictConfig) -> bool:
         raise UserError(f"train.precision: expected auto|bf16|fp32, got '{prec}'")
     if prec == "auto":
         return torch.cuda.is_available()
-    if prec == "bf16" and not torch.cuda.is_available():
-        raise UserError("train.precision=bf16 needs a GPU; use fp32 (or auto) on CPU")
+    # bf16 on CPU is allowed when asked for (slow, but it exercises the GPU code path on a CPU machine).
     return prec == "bf16"
 
 
@@ -39,12 +38,20 @@ def grad_shards(cfg: DictConfig, world_size: int) -> int:
     return shards
 
 
+def effective_zero_stage(cfg: DictConfig) -> int:
+    """The ZeRO stage the engine runs. bf16 at stage 0 becomes stage 1: DeepSpeed 0.19.8 keeps fp32 master
+    weights for bf16 only under ZeRO (its stage-0 bf16 mode updates the bf16 weights directly, where small
+    updates vanish). On one process ZeRO-1 partitions nothing, so this costs nothing there."""
+    stage = int(cfg.train.zero_stage)
+    if stage not in (0, 1, 2, 3):
+        raise UserError(f"train.zero_stage: expected 0, 1, 2 or 3, got {stage}")
+    return 1 if stage == 0 and use_bf16(cfg) else stage
+
+
 def deepspeed_config(cfg: DictConfig, world_size: int, *, load_universal: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON for this run (also written to RUN_DIR/deepspeed_config.json for the record)."""
     t = cfg.train
-    stage = int(t.zero_stage)
-    if stage not in (0, 1, 2, 3):
-        raise UserError(f"train.zero_stage: expected 0, 1, 2 or 3, got {stage}")
+    stage = effective_zero_stage(cfg)
     gas = grad_shards(cfg, world_size) // world_size
     # DeepSpeed wants a nominal per-rank micro batch; ours vary (token budget), it only uses it for counters.
     micro = max(1, int(cfg.data.batch_size) // (world_size * gas))
@@ -134,7 +141,7 @@ def build_engine(cfg: DictConfig, model: nn.Module, world_size: int, *, load_uni
     step_module = TrainStep(model)
     engine, optimizer, _, _ = deepspeed.initialize(model=step_module, model_parameters=step_module.parameters(),
                                                    config=ds_cfg)
-    if int(cfg.train.zero_stage) == 0 and not ds_cfg["bf16"]["enabled"]:
+    if ds_cfg["zero_optimization"]["stage"] == 0:
         base = engine.optimizer
         if isinstance(base, torch.optim.Optimizer) and not hasattr(base, "overflow"):
             base.step = _GuardedStep(base)  # type: ignore[method-assign]

@@ -28,7 +28,8 @@ from symdiff.data.batch import Batch
 from symdiff.errors import UserError
 from symdiff.train import checkpoint as ckpt
 from symdiff.train.ema import EMA
-from symdiff.train.engine import build_engine, grad_shards, init_distributed, is_stage3, use_bf16
+from symdiff.train.engine import (build_engine, effective_zero_stage, grad_shards, init_distributed, is_stage3,
+                                  use_bf16)
 from symdiff.train.launch import EXIT_NONFINITE, EXIT_REQUEUE, discover
 
 log = logging.getLogger("symdiff.train")
@@ -189,14 +190,14 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
 
     plan = None
     if resume_dir is not None:
-        plan = ckpt.plan_resume(resume_dir, world, int(t.zero_stage), ckpt_dir)
+        plan = ckpt.plan_resume(resume_dir, world, effective_zero_stage(cfg), ckpt_dir)
         ckpt.check_compatible(plan.state, cfg, shapes, resume_dir)  # raises before anything is written
         if plan.universal:
             err: list[Any] = [None]
             if rank == 0:
                 log.info("world size/ZeRO layout changed (%s -> %d ranks, stage %s -> %d): converting %s to "
                          "DeepSpeed's universal format", plan.meta["world_size"], world, plan.meta["zero_stage"],
-                         int(t.zero_stage), resume_dir.name)
+                         effective_zero_stage(cfg), resume_dir.name)
                 try:
                     ckpt.convert_to_universal(resume_dir, ckpt_dir)
                 except UserError as exc:
