@@ -37,8 +37,11 @@ class DataConfig:
     max_atoms_per_batch: int = 0
     # Size buckets used with the token budget (molecules of similar atom count batched together).
     n_buckets: int = 8
-    # Molecules kept in memory while streaming (bounded by a few shards, not the dataset).
-    shuffle_buffer_shards: int = 2
+    # Streaming window: shards are cut into chunks of chunk_size consecutive molecules; the epoch shuffles
+    # chunks, and window_chunks chunks at a time are held in memory and shuffled together (memory is bounded by
+    # chunk_size * window_chunks molecules, not by the dataset). Part of the data order: keep fixed within a run.
+    chunk_size: int = 256
+    window_chunks: int = 64
     seed: int = 0
     include_charges: bool = True  # QM9: integer atomic-number feature Z/10 (EDM "charges")
     remove_h: bool = False

@@ -17,7 +17,6 @@ half one. Resume additionally re-verifies the checksums.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from symdiff.data.shards import sha256_file
 from symdiff.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,6 @@ def rank_file(rank: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- integrity
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -105,7 +97,7 @@ def verify(tag_dir: Path, checksums: bool = True) -> Optional[dict[str, Any]]:
         if not f.is_file() or f.stat().st_size != info["size"]:
             log.warning("%s: file %s missing or truncated, skipped", tag_dir, rel)
             return None
-        if checksums and _sha256(f) != info["sha256"]:
+        if checksums and sha256_file(f) != info["sha256"]:
             log.warning("%s: checksum mismatch in %s, skipped", tag_dir, rel)
             return None
     return meta
@@ -271,7 +263,7 @@ def save(engine, ckpt_dir: Path, step: int, common: dict[str, Any], per_rank: di
         for f in _files_of(tmp):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-            files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+            files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
         marker = {"format": FORMAT_VERSION, "tag": tag, "step": step, "world_size": dist.get_world_size(),
                   "zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled()),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
@@ -337,7 +329,7 @@ def universal_dir(tag_dir: Path, ckpt_dir: Path) -> Path:
 def convert_to_universal(tag_dir: Path, ckpt_dir: Path) -> Path:
     """DeepSpeed's ds_to_universal on ``tag_dir`` (rank 0 only), cached in this run's checkpoint directory."""
     out = universal_dir(tag_dir, ckpt_dir)
-    source = {"source": str(tag_dir.resolve()), "marker_sha256": _sha256(tag_dir / MARKER)}
+    source = {"source": str(tag_dir.resolve()), "marker_sha256": sha256_file(tag_dir / MARKER)}
     if (out / MARKER).is_file() and json.loads((out / MARKER).read_text()) == source:
         return out
     tmp = out.with_name(f".tmp-{out.name}")

@@ -212,7 +212,8 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
     ema = EMA(named, float(t.ema_decay), stage3=is_stage3(engine), bf16=use_bf16(cfg))
     loader = ShardLoader(cfg.data.root, cfg.data.train_split, batch_size=int(cfg.data.batch_size),
                          max_atoms_per_batch=int(cfg.data.max_atoms_per_batch), n_buckets=int(cfg.data.n_buckets),
-                         shuffle=True, seed=int(cfg.data.seed), rank=rank, world_size=world)
+                         shuffle=True, seed=int(cfg.data.seed), rank=rank, world_size=world,
+                         chunk_size=int(cfg.data.chunk_size), window_chunks=int(cfg.data.window_chunks))
 
     step, nonfinite_total, nonfinite_row = 0, 0, 0
     if plan is not None:
