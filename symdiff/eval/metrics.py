@@ -86,6 +86,20 @@ def _exclusion_summary(mols: MoleculeSet, reasons: list[tuple[int, str]]) -> dic
     }
 
 
+def _headline(protocol: str, dataset: str, mols: MoleculeSet, res) -> dict:
+    """The keys both protocols report, in the same order."""
+    return {
+        "protocol": protocol,
+        "dataset": dataset,
+        "rdkit_version": rdkit_version(),
+        "n_molecules": len(mols),
+        "n_atoms": int(mols.offsets[-1]),
+        "atom_stability": _frac(res.atom_stable.sum(), len(res.atom_stable)),
+        "mol_stability": _frac(res.mol_stable.sum(), len(mols)),
+        "validity": _frac(res.valid.sum(), len(mols)),
+    }
+
+
 def evaluate_edm_protocol(mols: MoleculeSet, dataset: str, train_smiles: Optional[set[str]] = None,
                           include: Optional[np.ndarray] = None, reasons: Optional[list] = None) -> dict:
     """EDM metrics (SPEC §4): atom/molecule stability, validity (largest fragment), uniqueness, novelty."""
@@ -95,16 +109,7 @@ def evaluate_edm_protocol(mols: MoleculeSet, dataset: str, train_smiles: Optiona
         include, reasons = screen(mols, dataset)
     res = evaluate_edm(np.asarray(mols.atomic_numbers), np.asarray(mols.positions), np.asarray(mols.offsets),
                        DATASET_SYMBOLS[dataset], include, geom_rules=dataset == "geom")
-    out = {
-        "protocol": "edm",
-        "dataset": dataset,
-        "rdkit_version": rdkit_version(),
-        "n_molecules": len(mols),
-        "n_atoms": int(mols.offsets[-1]),
-        "atom_stability": _frac(res.atom_stable.sum(), len(res.atom_stable)),
-        "mol_stability": _frac(res.mol_stable.sum(), len(mols)),
-        "validity": _frac(res.valid.sum(), len(mols)),
-    }
+    out = _headline("edm", dataset, mols, res)
     out.update(_uniqueness_novelty(res.smiles, res.valid, train_smiles if dataset == "qm9" else None))
     notes = []
     if dataset == "geom":
@@ -131,18 +136,9 @@ def evaluate_revised_protocol(mols: MoleculeSet, dataset: str, bonds: Optional[l
     res = evaluate_revised(np.asarray(mols.atomic_numbers), np.asarray(mols.positions), np.asarray(mols.offsets),
                            mols.formal_charges, bonds, include, table)
     sources = Counter(s or "unassigned" for s, inc in zip(res.bond_source, include) if inc)
-    out = {
-        "protocol": "revised",
-        "dataset": dataset,
-        "rdkit_version": rdkit_version(),
-        "n_molecules": len(mols),
-        "n_atoms": int(mols.offsets[-1]),
-        "atom_stability": _frac(res.atom_stable.sum(), len(res.atom_stable)),
-        "mol_stability": _frac(res.mol_stable.sum(), len(mols)),
-        "validity": _frac(res.valid.sum(), len(mols)),
-        "sanitizable": _frac(res.sanitizable.sum(), len(mols)),
-        "connected": _frac(res.connected.sum(), len(mols)),
-    }
+    out = _headline("revised", dataset, mols, res)
+    out["sanitizable"] = _frac(res.sanitizable.sum(), len(mols))
+    out["connected"] = _frac(res.connected.sum(), len(mols))
     out.update(_uniqueness_novelty(res.smiles, res.valid, train_smiles))
     out["bond_sources"] = dict(sources)
     out["n_aromatic_bonds"] = res.n_aromatic_bonds
