@@ -50,6 +50,13 @@ def _load_rows(x_ptr, m_ptr, rows, inr, HAS_MASK: tl.constexpr, DT: tl.constexpr
 
 
 @triton.jit
+def _centred_rows(x_ptr, m_ptr, rows, inr, c0, c1, c2, HAS_MASK: tl.constexpr, DT: tl.constexpr):
+    """A tile of rows minus the molecule mean (c0, c1, c2), zero for padding and rows outside the molecule."""
+    m, v0, v1, v2 = _load_rows(x_ptr, m_ptr, rows, inr, HAS_MASK, DT)
+    return (v0 - c0) * m, (v1 - c1) * m, (v2 - c2) * m
+
+
+@triton.jit
 def _mol_mean(x_ptr, m_ptr, start, n_rows, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, DT: tl.constexpr):
     a0 = tl.zeros([BLOCK], dtype=DT)
     a1 = tl.zeros([BLOCK], dtype=DT)
@@ -100,10 +107,7 @@ def _com_fwd_kernel(x_ptr, m_ptr, off_ptr, r_ptr, y_ptr, N, HAS_MASK: tl.constex
         offs = r0 + tl.arange(0, BLOCK)
         inr = offs < n_rows
         rows = start + offs
-        m, v0, v1, v2 = _load_rows(x_ptr, m_ptr, rows, inr, HAS_MASK, DT)
-        v0 = (v0 - c0) * m
-        v1 = (v1 - c1) * m
-        v2 = (v2 - c2) * m
+        v0, v1, v2 = _centred_rows(x_ptr, m_ptr, rows, inr, c0, c1, c2, HAS_MASK, DT)
         if HAS_R:
             y0 = a00 * v0 + a01 * v1 + a02 * v2
             y1 = a10 * v0 + a11 * v1 + a12 * v2
@@ -137,10 +141,7 @@ def _com_grad_r_kernel(x_ptr, m_ptr, off_ptr, g_ptr, gr_ptr, N, HAS_MASK: tl.con
         offs = r0 + tl.arange(0, BLOCK)
         inr = offs < n_rows
         rows = start + offs
-        m, v0, v1, v2 = _load_rows(x_ptr, m_ptr, rows, inr, HAS_MASK, DT)
-        v0 = (v0 - c0) * m
-        v1 = (v1 - c1) * m
-        v2 = (v2 - c2) * m
+        v0, v1, v2 = _centred_rows(x_ptr, m_ptr, rows, inr, c0, c1, c2, HAS_MASK, DT)
         _, g0, g1, g2 = _load_rows(g_ptr, m_ptr, rows, inr, False, DT)
         s00 += g0 * v0
         s01 += g0 * v1
