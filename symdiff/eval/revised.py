@@ -5,8 +5,9 @@ Per molecule:
 1. **Bonds.** Taken from the file when it has them (SDF bond block; aromatic bonds kept as aromatic). Otherwise
    assigned from the 3D structure with RDKit's ``rdDetermineBonds`` (connectivity from covalent radii, then bond
    orders and formal charges by the xyz2mol method). The total charge of a generated molecule is unknown, so the
-   charges 0, +1, -1, +2, -2 are tried in that order and the first one with a valid assignment is kept. A
-   molecule whose bond orders cannot be assigned counts as unstable and invalid (reported).
+   charges 0, +1, -1, +2, -2 are tried in that order and the first one with a valid assignment is kept; nitro
+   groups are set to [N+](=O)[O-] beforehand (:mod:`symdiff.eval.bonds3d`). A molecule whose bond orders cannot be
+   assigned counts as unstable and invalid (reported).
 2. **Stability.** Every atom's bonding pattern ``(n_aromatic, valence)`` must be one seen for its
    (element, formal charge) in the reference data (:mod:`symdiff.eval.valency`).
 3. **Validity.** RDKit sanitisation succeeds *and* the molecule is one connected fragment. Sanitisable and
@@ -20,11 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from symdiff.eval.bonds3d import assign_bonds_3d, mol_from_atoms
 from symdiff.eval.valency import ValencyTable, atom_patterns
-
-CHARGE_TRIES = (0, 1, -1, 2, -2)
-# a safety net against pathological inputs (RDKit's default is unlimited); real molecules need far fewer
-MAX_BOND_ORDER_ITERATIONS = 1_000_000
 
 
 @dataclass
@@ -41,23 +39,6 @@ class RevisedResult:
     bond_lengths: list[tuple[int, float]]  # (order code 1/2/3/4, length in Angstrom), for reports
 
 
-def _mol_from_atoms(z: np.ndarray, x: np.ndarray, charges: Optional[np.ndarray]):
-    from rdkit import Chem
-    from rdkit.Geometry import Point3D
-
-    mol = Chem.RWMol()
-    for k, zz in enumerate(z):
-        a = Chem.Atom(int(zz))
-        if charges is not None:
-            a.SetFormalCharge(int(charges[k]))
-        mol.AddAtom(a)
-    conf = Chem.Conformer(len(z))
-    for k in range(len(z)):
-        conf.SetAtomPosition(k, Point3D(float(x[k, 0]), float(x[k, 1]), float(x[k, 2])))
-    mol.AddConformer(conf, assignId=True)
-    return mol
-
-
 def _add_file_bonds(mol, bonds: np.ndarray) -> None:
     from rdkit import Chem
 
@@ -72,26 +53,6 @@ def _add_file_bonds(mol, bonds: np.ndarray) -> None:
             bd.SetIsAromatic(True)
             mol.GetAtomWithIdx(int(a)).SetIsAromatic(True)
             mol.GetAtomWithIdx(int(b)).SetIsAromatic(True)
-
-
-def assign_bonds_3d(z: np.ndarray, x: np.ndarray):
-    """(mol with bonds, total charge) from coordinates alone, or (None, None) if no charge in CHARGE_TRIES works."""
-    from rdkit import Chem
-    from rdkit.Chem import rdDetermineBonds
-
-    base = _mol_from_atoms(z, x, None)
-    try:
-        rdDetermineBonds.DetermineConnectivity(base)
-    except (ValueError, RuntimeError):
-        return None, None
-    for q in CHARGE_TRIES:
-        mol = Chem.RWMol(base)
-        try:
-            rdDetermineBonds.DetermineBondOrders(mol, charge=q, maxIterations=MAX_BOND_ORDER_ITERATIONS)
-        except Exception:  # noqa: BLE001 - RDKit raises several unrelated types here; any means "no assignment"
-            continue
-        return mol, q
-    return None, None
 
 
 def evaluate_revised(atomic_numbers: np.ndarray, positions: np.ndarray, offsets: np.ndarray,
@@ -116,7 +77,7 @@ def evaluate_revised(atomic_numbers: np.ndarray, positions: np.ndarray, offsets:
             z, x = atomic_numbers[lo:hi], positions[lo:hi].astype(np.float64)
             if file_bonds is not None and file_bonds[m] is not None:
                 q = formal_charges[lo:hi] if formal_charges is not None else None
-                mol = _mol_from_atoms(z, x, q)
+                mol = mol_from_atoms(z, x, q)
                 try:
                     _add_file_bonds(mol, file_bonds[m])
                 except (ValueError, RuntimeError):
