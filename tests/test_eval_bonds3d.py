@@ -98,3 +98,11 @@ def test_geom_sample_every_conformer_matches_its_stored_smiles(shared_data):
     # before the nitro fix: {0: 398, 1: 91, -2: 14}; the +1 conformers are protonated amines in GEOM itself
     assert totals == {0: 412, 1: 91}
     assert (mol_index == 0).sum() == 14 and "[N+](=O)[O-]" in mol_smiles[0]
+
+
+def test_imine_smiles_has_no_stereo_hydrogen():
+    """3D assignment sets C=N stereo; the SMILES compared for uniqueness/novelty must still be the plain one."""
+    smiles = "CC(C)(C)c1ccc(N2C(=N)SCC2=O)cc1"  # a GEOM train molecule with an exocyclic C=NH
+    mol, total = assign_bonds_3d(*embedded(smiles, seed=1))
+    assert total == 0
+    assert canonical_smiles(mol) == no_stereo(smiles) == "CC(C)(C)c1ccc(N2C(=N)SCC2=O)cc1"

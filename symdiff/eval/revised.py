@@ -117,8 +117,12 @@ def canonical_smiles(mol) -> Optional[str]:
     """Canonical SMILES without hydrogens and stereo: the form compared for uniqueness and novelty."""
     from rdkit import Chem
 
+    # stereo goes first: a double bond's stereo (set from 3D by rdDetermineBonds) makes RemoveHs keep the H that
+    # defines it, so an imine would be written [H]N=C and never match the reference's N=C
+    m = Chem.Mol(mol)
+    Chem.RemoveStereochemistry(m)
     try:
-        m = Chem.RemoveHs(mol, sanitize=True)
+        m = Chem.RemoveHs(m, sanitize=True)
     except ValueError:
         return None
     return Chem.MolToSmiles(m, isomericSmiles=False)
