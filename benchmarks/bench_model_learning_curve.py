@@ -77,6 +77,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "qm9" / "qm9.npz"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--save-ema", default=None,
+                    help="also write the EMA weights (torch state_dict) here at every evaluation, for later re-scoring")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -141,6 +143,10 @@ def main() -> int:
             result["evals"].append(ev)
             print(json.dumps(ev), flush=True)
             write_json(out, result)
+            if args.save_ema:
+                Path(args.save_ema).parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"ema": ema.state_dict(), "step": step, "config": to_dict(cfg)}, args.save_ema + ".tmp")
+                os.replace(args.save_ema + ".tmp", args.save_ema)
             next_eval += args.eval_every_min * 60.0
         if done:
             break

@@ -135,6 +135,9 @@ def main() -> int:
     ap.add_argument("--sample-steps", type=int, default=4)
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "qm9" / "qm9.npz"))
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--linear-backend", default="auto", help="model.linear_backend: auto (oneDNN on CPU) | aten")
+    ap.add_argument("--baseline-aten", action="store_true",
+                    help="also time training with model.linear_backend=aten (torch's own BLAS) in the same run")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "model_speed.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,10 +153,20 @@ def main() -> int:
                           "load_average_start": list(os.getloadavg())},
               "official_reference": OFFICIAL, "configs": {}}
     for name in args.configs:
-        cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"model.kernel_backend={args.backend}"])
+        cfg = load_config(REPO / "configs" / f"{name}.yaml", [f"model.kernel_backend={args.backend}",
+                                                              f"model.linear_backend={args.linear_backend}"])
+        entry = {"linear_backend": args.linear_backend}
+        if args.baseline_aten:
+            torch.manual_seed(0)
+            base = build_model(load_config(REPO / "configs" / f"{name}.yaml",
+                                           [f"model.kernel_backend={args.backend}", "model.linear_backend=aten"]))
+            entry["train_linear_aten"] = bench_train(base, batches, args.warmup)
+            print(f"{name}: train (linear aten) {entry['train_linear_aten']['s_per_step_median']:.3f} s/step, "
+                  f"{entry['train_linear_aten']['mol_per_s']:.1f} mol/s", flush=True)
+            del base
         torch.manual_seed(0)
         model = build_model(cfg)
-        entry = {"params": count_params(model)}
+        entry["params"] = count_params(model)
         entry["train"] = bench_train(model, batches, args.warmup)
         print(f"{name}: train {entry['train']['s_per_step_median']:.3f} s/step, "
               f"{entry['train']['mol_per_s']:.1f} mol/s", flush=True)
@@ -162,6 +175,11 @@ def main() -> int:
                                                    mode == "sorted", seed=1)
             print(f"{name}: sample ({mode}) {entry[f'sample_{mode}']['s_per_molecule_1000_steps']:.2f} s/molecule",
                   flush=True)
+        if args.baseline_aten:
+            entry["speedup_train_vs_linear_aten"] = (entry["train"]["mol_per_s"]
+                                                     / entry["train_linear_aten"]["mol_per_s"])
+            entry["speedup_train_cpu_s_vs_linear_aten"] = (entry["train_linear_aten"]["cpu_s_per_step"]
+                                                           / entry["train"]["cpu_s_per_step"])
         off = OFFICIAL.get(name)
         if off:
             entry["speedup_train_vs_official"] = entry["train"]["mol_per_s"] / off["train_mol_per_s"]

@@ -69,6 +69,8 @@ class ModelConfig:
     gamma_final_norm: bool = True
     # Which implementation of the geometric ops: auto (Triton on CUDA) | triton | torch
     kernel_backend: str = "auto"
+    # Dense layers on CPU: auto (oneDNN for float32 on CPU: 2x MKL's AVX2 path on AMD, docs/kernels.md) | aten
+    linear_backend: str = "auto"
 
 
 @dataclass

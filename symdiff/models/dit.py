@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from symdiff.kernels.linear import Linear
+
 
 @dataclass
 class Packing:
@@ -59,7 +61,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden: int, freq_dim: int = 256) -> None:
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        self.mlp = nn.Sequential(Linear(freq_dim, hidden), nn.SiLU(), Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_features(t, self.freq_dim))
@@ -71,8 +73,8 @@ class SwiGLU(nn.Module):
     def __init__(self, dim: int, mlp_ratio: float) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden // 2, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden // 2, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = self.fc1(x).chunk(2, dim=-1)
@@ -90,11 +92,11 @@ class Block(nn.Module):
             raise ValueError(f"hidden size {hidden} is not divisible by {num_heads} attention heads")
         self.num_heads = num_heads
         self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.proj = nn.Linear(hidden, hidden)
+        self.qkv = Linear(hidden, 3 * hidden)
+        self.proj = Linear(hidden, hidden)
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(hidden, mlp_ratio)
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+        self.adaLN = nn.Sequential(nn.SiLU(), Linear(hidden, 6 * hidden))
 
     def attention(self, x: torch.Tensor, pk: Packing, key_mask: torch.Tensor) -> torch.Tensor:
         B, N, H = pk.batch, pk.n_max, x.shape[-1]
@@ -127,8 +129,8 @@ class DiT(nn.Module):
         self.blocks = nn.ModuleList(Block(hidden, num_heads, mlp_ratio) for _ in range(depth))
         self.use_final = out_channels > 0 or final_norm
         self.final_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
-        self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden)) if self.use_final else None
-        self.final_linear = nn.Linear(hidden, out_channels) if out_channels > 0 else None
+        self.final_adaLN = nn.Sequential(nn.SiLU(), Linear(hidden, 2 * hidden)) if self.use_final else None
+        self.final_linear = Linear(hidden, out_channels) if out_channels > 0 else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from symdiff import kernels
+from symdiff.kernels.linear import Linear
 
 
 class GaussianEmbedding(nn.Module):
@@ -20,7 +21,7 @@ class GaussianEmbedding(nn.Module):
         self.backend = backend
         self.mu = nn.Parameter(torch.empty(num_gaussians).uniform_(0.0, 3.0))
         self.sigma = nn.Parameter(torch.empty(num_gaussians).uniform_(0.0, 3.0))
-        self.proj = nn.Linear(num_gaussians, out_features)
+        self.proj = Linear(num_gaussians, out_features)
         nn.init.zeros_(self.proj.bias)
 
     def pooled(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

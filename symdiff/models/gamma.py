@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from symdiff import kernels
+from symdiff.kernels.linear import Linear
 from symdiff.models.dit import DiT, Packing
 
 
@@ -29,11 +30,11 @@ class GammaNet(nn.Module):
         super().__init__()
         self.noise_dims = noise_dims
         self.backend = backend
-        self.inp = nn.Linear(3 + noise_dims + emb_features, hidden)
+        self.inp = Linear(3 + noise_dims + emb_features, hidden)
         nn.init.xavier_uniform_(self.inp.weight)
         nn.init.zeros_(self.inp.bias)
         self.dit = DiT(hidden, depth, num_heads, mlp_ratio, out_channels=0, final_norm=final_norm)
-        self.dec = nn.Sequential(nn.Linear(hidden, dec_hidden), nn.GELU(), nn.Linear(dec_hidden, 9))
+        self.dec = nn.Sequential(Linear(hidden, dec_hidden), nn.GELU(), Linear(dec_hidden, 9))
 
     def forward(self, x: torch.Tensor, psi: torch.Tensor, t: torch.Tensor, pk: Packing, R0: torch.Tensor,
                 eta: torch.Tensor) -> torch.Tensor:

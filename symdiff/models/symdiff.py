@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from symdiff import kernels
+from symdiff.kernels.linear import Linear, set_linear_backend
 from symdiff.config import ConfigError
 from symdiff.data.elements import alphabet as get_alphabet
 from symdiff.diffusion import edm
@@ -70,7 +71,7 @@ class EpsNet(nn.Module):
     def __init__(self, in_features: int, xh_hidden: int, hidden: int, depth: int, num_heads: int,
                  mlp_ratio: float) -> None:
         super().__init__()
-        self.inp = nn.Linear(in_features, xh_hidden)
+        self.inp = Linear(in_features, xh_hidden)
         self.dit = DiT(hidden, depth, num_heads, mlp_ratio, out_channels=in_features)
 
     def forward(self, xh: torch.Tensor, psi: torch.Tensor, t: torch.Tensor, pk: Packing) -> torch.Tensor:
@@ -116,6 +117,10 @@ class SymDiffModel(nn.Module):
                                       int(mc.gamma_num_heads), float(mc.gamma_mlp_ratio), int(mc.gamma_dec_hidden),
                                       int(mc.gamma_noise_dims), bool(getattr(mc, "gamma_final_norm", True)),
                                       backend=self.backend)
+        try:
+            set_linear_backend(self, str(getattr(mc, "linear_backend", "auto")))
+        except ValueError as exc:
+            raise ConfigError(f"model.linear_backend: {exc}") from None
         self.schedule = NoiseSchedule(int(dc.timesteps), str(dc.schedule), float(dc.precision))
         # Map Z -> class index on device; -1 marks elements outside the alphabet.
         lut = torch.full((128,), -1, dtype=torch.long)

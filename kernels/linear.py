@@ -1,0 +1,95 @@
+"""Dense layers on CPU through oneDNN instead of the BLAS that ``torch.nn.functional.linear`` calls.
+
+Why: the CPU wheel of torch routes float32 GEMMs to MKL, and MKL takes its AVX2 path on AMD processors. On the
+AMD EPYC (AVX-512) machines this project runs on, oneDNN's float32 matmul for the DiT's shapes is 2.0-2.4x faster
+per core (`benchmarks/bench_linear.py`), and the dense layers are about 70% of a SymDiff training step. The result
+is an IEEE float32 product like MKL's; only the summation order differs (agreement to ~1e-6 relative).
+
+``linear(x, weight, bias, backend)``: backend "auto" uses oneDNN for float32 CPU tensors when torch was built with
+it, "aten" always uses ``F.linear``. Anything else (CUDA, float64, bf16, autocast, empty inputs, DeepSpeed ZeRO-3
+partitioned weights, whose gather/release hooks expect ``F.linear``) goes to ``F.linear`` as well.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+LINEAR_BACKENDS = ("auto", "onednn", "aten")
+
+
+def onednn_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+_ONEDNN = None
+
+
+def _onednn() -> bool:
+    global _ONEDNN
+    if _ONEDNN is None:
+        _ONEDNN = onednn_available()
+    return _ONEDNN
+
+
+def _mm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ w.T (+ bias) in oneDNN; a may be any 2-D or N-D strided view, w any 2-D view (transposes are free)."""
+    return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _mm(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.needs_input_grad[0]:
+            gx = _mm(gy, weight.t())  # gy @ W
+        if ctx.needs_input_grad[1]:
+            gw = _mm(gy2.t(), x.reshape(-1, x.shape[-1]).t())  # gy^T @ x
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0)
+        return gx, gw, gb
+
+
+def use_onednn(x: torch.Tensor, weight: torch.Tensor, backend: str) -> bool:
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"unknown linear backend '{backend}' (choose from {', '.join(LINEAR_BACKENDS)})")
+    if backend == "aten":
+        return False
+    ok = (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
+          and x.numel() > 0 and x.dim() >= 2 and not torch.is_autocast_enabled("cpu")
+          and not hasattr(weight, "ds_id") and _onednn())
+    if backend == "onednn" and not ok and x.device.type == "cpu" and not _onednn():
+        raise RuntimeError("linear backend 'onednn' asked for, but this torch build has no oneDNN linear op")
+    return ok
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           backend: str = "auto") -> torch.Tensor:
+    """x @ weight.T + bias, as ``F.linear``, through oneDNN where that is faster (see the module docstring)."""
+    if use_onednn(x, weight, backend):
+        return _OneDNNLinear.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(torch.nn.Linear):
+    """``nn.Linear`` (same parameters, init and state dict) whose product goes through ``linear`` above."""
+
+    backend: str = "auto"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.backend)
+
+
+def set_linear_backend(module: torch.nn.Module, backend: str) -> None:
+    if backend not in LINEAR_BACKENDS:
+        raise ValueError(f"unknown linear backend '{backend}' (choose from {', '.join(LINEAR_BACKENDS)})")
+    for m in module.modules():
+        if isinstance(m, Linear):
+            m.backend = backend
