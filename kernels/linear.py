@@ -36,24 +36,47 @@ def _mm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> t
     return torch.ops.mkldnn._linear_pointwise(a, w, bias, "none", [], "")
 
 
+# oneDNN builds (JIT-compiles) a matmul primitive per problem shape and caches it. The token count changes with
+# every batch (QM9: ~900-1,400 atoms in a batch of 64), so without rounding nearly every call of a step would
+# build new primitives (~0.5-0.9 ms each, about a quarter of a SymDiff+ step). Rows are padded with zeros to a
+# multiple of ROW_BUCKET: a handful of shapes per layer, all cached after the first steps. Zero rows add nothing
+# to any product (exact), and cost at most ROW_BUCKET - 1 rows of work.
+ROW_BUCKET = 64
+
+
+def _pad_rows(a: torch.Tensor, rows: int) -> torch.Tensor:
+    if a.shape[0] == rows:
+        return a
+    out = a.new_zeros(rows, a.shape[1])
+    out[:a.shape[0]] = a
+    return out
+
+
 class _OneDNNLinear(torch.autograd.Function):
+    """y = x @ W^T + b for 2-D x [M, in], computed on rows padded to a multiple of ROW_BUCKET."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
+        m = x.shape[0]
+        mp = -(-m // ROW_BUCKET) * ROW_BUCKET
+        xp = _pad_rows(x, mp)
+        ctx.save_for_backward(xp, weight)
         ctx.has_bias = bias is not None
-        return _mm(x, weight, bias)
+        ctx.rows = m
+        return _mm(xp, weight, bias)[:m]
 
     @staticmethod
     def backward(ctx, gy: torch.Tensor):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
+        xp, weight = ctx.saved_tensors
+        m = ctx.rows
         gx = gw = gb = None
-        gy2 = gy.reshape(-1, gy.shape[-1])
+        gyp = _pad_rows(gy, xp.shape[0])
         if ctx.needs_input_grad[0]:
-            gx = _mm(gy, weight.t())  # gy @ W
+            gx = _mm(gyp, weight.t())[:m]  # gy @ W
         if ctx.needs_input_grad[1]:
-            gw = _mm(gy2.t(), x.reshape(-1, x.shape[-1]).t())  # gy^T @ x
+            gw = _mm(gyp.t(), xp.t())  # gy^T @ x; the zero rows add nothing
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy2.sum(0)
+            gb = gy.sum(0)
         return gx, gw, gb
 
 
@@ -74,7 +97,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
            backend: str = "auto") -> torch.Tensor:
     """x @ weight.T + bias, as ``F.linear``, through oneDNN where that is faster (see the module docstring)."""
     if use_onednn(x, weight, backend):
-        return _OneDNNLinear.apply(x, weight, bias)
+        y = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+        return y.view(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight, bias)
 
 
