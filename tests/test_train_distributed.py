@@ -7,6 +7,7 @@ another world size (2 -> 1, 1 -> 2) with the same global data order and loss tra
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -361,6 +362,13 @@ def test_checkpoint_integrity_mismatch_and_export(tmp_path, ref_zero2):
     msg = str(err.value)
     assert "config model.hidden_size: checkpoint 32 vs now 48" in msg
     assert re.search(r"parameter \S+: checkpoint shape \(\d+, 32\) vs model shape \(\d+, 48\)", msg), msg
+    # implementation switches are not mismatches, nor is a checkpoint from before model.linear_backend existed
+    cfg = load_config(CONFIG, [f"data.root={run}", *TINY, "model.linear_backend=aten", "model.kernel_backend=torch"])
+    shapes = {k: tuple(p.shape) for k, p in build_model(cfg).named_parameters()}
+    old_state = copy.deepcopy(state)
+    old_state["config"]["model"].pop("linear_backend", None)
+    for st in (state, old_state):
+        ckpt.check_compatible(st, cfg, shapes, tag)
 
     # Export (tools/convert_checkpoint.py) and load_for_inference agree with the checkpoint, EMA by default.
     out = tmp_path / "export.pt"

@@ -201,9 +201,10 @@ def check_compatible(state: dict[str, Any], cfg: DictConfig, shapes: dict[str, t
     problems = []
     old = _flatten({k: state["config"][k] for k in ("model", "diffusion")})
     new = _flatten({k: to_dict(cfg)[k] for k in ("model", "diffusion")})
-    # kernel_backend picks an implementation of the same maths; switching it is allowed.
+    # kernel_backend and linear_backend pick an implementation of the same maths; switching them is allowed (and
+    # checkpoints written before linear_backend existed lack the key).
     for key in sorted(set(old) | set(new)):
-        if key.endswith("kernel_backend"):
+        if key.endswith("kernel_backend") or key.endswith("linear_backend"):
             continue
         if old.get(key) != new.get(key):
             problems.append(f"config {key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}")
