@@ -10,6 +10,9 @@ curve so far.
 Usage: .venv/bin/python benchmarks/bench_model_learning_curve.py --config configs/qm9_tiny.yaml
            [--kind dit|dit_aug|symdiff_haar|symdiff] [--budget-min 120] [--eval-every-min 20]
            [--eval-samples 1000] [--eval-steps 1000] [--out benchmarks/results/learning_curve_<kind>.json]
+           [--save-ema runs/lc/<kind>_ema.pt]
+       .venv/bin/python benchmarks/bench_model_learning_curve.py --rescore runs/lc/<kind>_ema.pt --eval-steps 1000
+           --out benchmarks/results/learning_curve_<kind>.json     (re-score saved EMA weights, e.g. full sampler)
 """
 from __future__ import annotations
 
@@ -64,6 +67,25 @@ def evaluate(ema_model, n: int, steps: int, seed: int) -> dict:
             "sampling_steps": steps, "eval_seconds": time.perf_counter() - t}
 
 
+def rescore(args: argparse.Namespace) -> int:
+    from symdiff.config import from_dict
+    from symdiff.models import build_model
+
+    saved = torch.load(args.rescore, map_location="cpu", weights_only=False)
+    model = build_model(from_dict(saved["config"]))
+    model.load_state_dict(saved["ema"])
+    model.eval()
+    ev = evaluate(model, args.eval_samples, args.eval_steps, seed=args.seed + 5000)
+    ev.update({"step": saved["step"], "weights": str(args.rescore), "threads": args.threads,
+               "load_average": list(os.getloadavg())})
+    print(json.dumps(ev), flush=True)
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result.setdefault("rescores", []).append(ev)
+    write_json(out, result)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "qm9_tiny.yaml"))
@@ -79,6 +101,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--save-ema", default=None,
                     help="also write the EMA weights (torch state_dict) here at every evaluation, for later re-scoring")
+    ap.add_argument("--rescore", default=None, metavar="EMA_PT",
+                    help="no training: score the EMA weights saved by --save-ema (e.g. with --eval-steps 1000) and "
+                         "add the result to --out under 'rescores'")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,6 +114,8 @@ def main() -> int:
     from symdiff.data.batch import collate
     from symdiff.models import build_model, count_params
 
+    if args.rescore:
+        return rescore(args)
     overrides = ["data.root=unused", *args.overrides] + ([f"model.kind={args.kind}"] if args.kind else [])
     cfg = load_config(args.config, overrides)
     kind = str(cfg.model.kind)
