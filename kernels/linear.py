@@ -11,24 +11,17 @@ partitioned weights, whose gather/release hooks expect ``F.linear``) goes to ``F
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 LINEAR_BACKENDS = ("auto", "onednn", "aten")
 
 
+@functools.lru_cache(maxsize=None)
 def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-_ONEDNN = None
-
-
-def _onednn() -> bool:
-    global _ONEDNN
-    if _ONEDNN is None:
-        _ONEDNN = onednn_available()
-    return _ONEDNN
 
 
 def _mm(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -88,8 +81,8 @@ def use_onednn(x: torch.Tensor, weight: torch.Tensor, backend: str) -> bool:
         return False
     ok = (x.device.type == "cpu" and x.dtype == torch.float32 and weight.dtype == torch.float32
           and x.numel() > 0 and x.dim() >= 2 and not torch.is_autocast_enabled("cpu")
-          and not hasattr(weight, "ds_id") and _onednn())
-    if backend == "onednn" and not ok and x.device.type == "cpu" and not _onednn():
+          and not hasattr(weight, "ds_id") and onednn_available())
+    if backend == "onednn" and not ok and x.device.type == "cpu" and not onednn_available():
         raise RuntimeError("linear backend 'onednn' asked for, but this torch build has no oneDNN linear op")
     return ok
 

@@ -63,11 +63,12 @@ def nitro_groups(mol) -> list[tuple[int, int, int]]:
     return groups
 
 
-def assign_bonds_3d(z: np.ndarray, x: np.ndarray):
+def assign_bonds_3d(z: np.ndarray, x: np.ndarray, fix_nitro: bool = True):
     """(mol with bonds, total charge) from coordinates alone, or (None, None) if no charge in CHARGE_TRIES works.
 
     The total charge of a generated molecule is unknown, so the charges of CHARGE_TRIES are tried in order and
     the first with a valid assignment is kept; nitro groups are fixed to [N+](=O)[O-] first (module docstring).
+    ``fix_nitro=False`` gives plain xyz2mol (the benchmark's baseline).
     """
     from rdkit import Chem
     from rdkit.Chem import rdDetermineBonds
@@ -77,7 +78,7 @@ def assign_bonds_3d(z: np.ndarray, x: np.ndarray):
         rdDetermineBonds.DetermineConnectivity(base)
     except (ValueError, RuntimeError):
         return None, None
-    for n, _o_double, o_minus in nitro_groups(base):
+    for n, _o_double, o_minus in nitro_groups(base) if fix_nitro else ():
         base.GetAtomWithIdx(n).SetFormalCharge(1)
         base.GetAtomWithIdx(o_minus).SetFormalCharge(-1)
     for q in CHARGE_TRIES:
