@@ -23,10 +23,11 @@ def remove_mean(x: torch.Tensor, mask: torch.Tensor, backend: str = "auto") -> t
     return kernels.com_project_rotate(x, mask, None, backend=backend)
 
 
-def sample_noise(mask: torch.Tensor, d: int, dtype: torch.dtype, backend: str = "auto") -> torch.Tensor:
-    """[B, N, 3 + d]: CoM-free N(0, I) on x, N(0, I) on h, zero at padding. Drawn from torch's global RNG."""
+def sample_noise(mask: torch.Tensor, d: int, dtype: torch.dtype, backend: str = "auto",
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """[B, N, 3 + d]: CoM-free N(0, I) on x, N(0, I) on h, zero at padding. From ``generator``, else the global RNG."""
     B, N = mask.shape
-    eps = torch.randn(B, N, 3 + d, dtype=dtype, device=mask.device)
+    eps = torch.randn(B, N, 3 + d, dtype=dtype, device=mask.device, generator=generator)
     m = mask.to(dtype).unsqueeze(-1)
     return torch.cat([remove_mean(eps[..., :3], mask, backend), eps[..., 3:] * m], dim=-1)
 

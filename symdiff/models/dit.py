@@ -64,7 +64,11 @@ class TimestepEmbedder(nn.Module):
         self.mlp = nn.Sequential(Linear(freq_dim, hidden), nn.SiLU(), Linear(hidden, hidden))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_features(t, self.freq_dim))
+        # The sinusoid is formed in (at least) float32 and only then cast to the weights' dtype: bf16 keeps 8 bits
+        # of t/T, which would merge neighbouring diffusion steps.
+        if t.dtype not in (torch.float32, torch.float64):
+            t = t.float()
+        return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
 
 
 class SwiGLU(nn.Module):
@@ -157,7 +161,7 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, pk: Packing) -> torch.Tensor:
         """x: [T, H] packed tokens, t: [B] -> [T, out_channels] (or [T, H] features when out_channels == 0)."""
-        c = self.t_embedder(t.to(x.dtype))
+        c = self.t_embedder(t)
         key_mask = pk.mask[:, None, None, :]
         for blk in self.blocks:
             x = blk(x, c, pk, key_mask)

@@ -27,11 +27,13 @@ class GaussianEmbedding(nn.Module):
     def pooled(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, N, 3], [B, N] -> [B, N, K] mean over real j of the Gaussian kernels of d_ij (zero rows for padding)."""
         groups = self._size_groups(x, mask)
+        # Distances and kernels in the positions' dtype (float32 state) even when the parameters are bf16.
+        mu, sigma = self.mu.to(x.dtype), self.sigma.to(x.dtype)
         if groups is None:
-            return kernels.gaussian_embedding(x, mask, self.mu, self.sigma, backend=self.backend)
+            return kernels.gaussian_embedding(x, mask, mu, sigma, backend=self.backend)
         out = x.new_zeros(*mask.shape, self.num_gaussians)
         for idx, n in groups:
-            part = kernels.gaussian_embedding(x[idx, :n], mask[idx, :n], self.mu, self.sigma, backend=self.backend)
+            part = kernels.gaussian_embedding(x[idx, :n], mask[idx, :n], mu, sigma, backend=self.backend)
             out = out.index_put((idx[:, None], torch.arange(n, device=x.device)[None, :]), part)
         return out
 
@@ -67,5 +69,5 @@ class GaussianEmbedding(nn.Module):
         return groups
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Psi for the real atoms only, packed in mask order: [n_real_atoms, out_features]."""
-        return self.proj(self.pooled(x, mask)[mask])
+        """Psi for the real atoms only, packed in mask order: [n_real_atoms, out_features], in the weights' dtype."""
+        return self.proj(self.pooled(x, mask)[mask].to(self.proj.weight.dtype))

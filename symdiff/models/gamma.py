@@ -15,9 +15,9 @@ from symdiff.models.dit import DiT, Packing
 
 
 def haar_o3(batch: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
-            backend: str = "auto") -> torch.Tensor:
+            backend: str = "auto", generator: torch.Generator | None = None) -> torch.Tensor:
     """[batch, 3, 3] Haar-distributed members of O(3): sign-fixed QR of a Gaussian matrix (Mezzadri 2006)."""
-    G = torch.randn(batch, 3, 3, dtype=dtype, device=device)
+    G = torch.randn(batch, 3, 3, dtype=dtype, device=device, generator=generator)
     return kernels.batched_qr(G, backend=backend)
 
 
@@ -40,10 +40,12 @@ class GammaNet(nn.Module):
                 eta: torch.Tensor) -> torch.Tensor:
         """x: [B, N, 3] centred positions, psi: [T, n_emb] packed, t: [B], R0: [B, 3, 3], eta: [B, N, noise]."""
         xr = x @ R0  # rows R0^T x_i
-        tokens = torch.cat([pk.pack(xr), pk.pack(eta), psi], dim=-1)
+        # Only the network body runs in the weights' dtype (bf16 under DeepSpeed); R0, the QR and R stay in x's.
+        w = self.inp.weight.dtype
+        tokens = torch.cat([pk.pack(xr).to(w), pk.pack(eta).to(w), psi.to(w)], dim=-1)
         feats = self.dit(self.inp(tokens), t, pk)
         counts = pk.mask.sum(1).clamp_min(1).to(feats.dtype).unsqueeze(1)
         pooled = feats.new_zeros(pk.batch, feats.shape[-1]).index_add_(0, pk.mol, feats) / counts
-        M = self.dec(pooled).view(-1, 3, 3)  # row-major: M_ab = out[3a + b]
+        M = self.dec(pooled).view(-1, 3, 3).to(x.dtype)  # row-major: M_ab = out[3a + b]
         Qf = kernels.batched_qr(M, backend=self.backend)
         return R0 @ Qf

@@ -75,7 +75,8 @@ class EpsNet(nn.Module):
         self.dit = DiT(hidden, depth, num_heads, mlp_ratio, out_channels=in_features)
 
     def forward(self, xh: torch.Tensor, psi: torch.Tensor, t: torch.Tensor, pk: Packing) -> torch.Tensor:
-        tokens = torch.cat([self.inp(pk.pack(xh)), psi], dim=-1)
+        w = self.inp.weight.dtype
+        tokens = torch.cat([self.inp(pk.pack(xh).to(w)), psi.to(w)], dim=-1)
         return self.dit(tokens, t, pk)
 
 
@@ -94,8 +95,11 @@ class SymDiffModel(nn.Module):
         self.include_charges = bool(cfg.data.include_charges)
         self.num_classes = self.alphabet.num_classes
         self.d = self.num_classes + (1 if self.include_charges else 0)
-        nf = list(dc.normalize_factors)
-        self.norm_x, self.norm_cat, self.norm_int = float(nf[0]), float(nf[1]), float(nf[2])
+        nf = [float(v) for v in dc.normalize_factors]
+        if len(nf) != 3 or min(nf) <= 0:
+            raise ConfigError(f"diffusion.normalize_factors: expected three positive factors [x, one-hot, integer], "
+                              f"got {nf}")
+        self.norm_x, self.norm_cat, self.norm_int = nf
         if dc.parameterization != "eps":
             raise ConfigError(f"diffusion.parameterization '{dc.parameterization}' is not implemented (only 'eps')")
         for width, heads, key in ((mc.hidden_size, mc.num_heads, "model.hidden_size/num_heads"),
@@ -122,6 +126,7 @@ class SymDiffModel(nn.Module):
         except ValueError as exc:
             raise ConfigError(f"model.linear_backend: {exc}") from None
         self.schedule = NoiseSchedule(int(dc.timesteps), str(dc.schedule), float(dc.precision))
+        _check_sigma0(self.schedule, self.norm_cat, self.norm_int)
         # Map Z -> class index on device; -1 marks elements outside the alphabet.
         lut = torch.full((128,), -1, dtype=torch.long)
         lut[list(self.alphabet.atomic_numbers)] = torch.arange(self.num_classes)
@@ -141,6 +146,17 @@ class SymDiffModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The diffusion state's dtype: float32 (float64 for a model cast to double), whatever the weights are.
+
+        DeepSpeed's bf16 mode casts every parameter to bf16; positions, noise, z_t, the schedule quantities, R, the
+        CoM projection and the loss must not follow (SPEC §2.6), or the low-noise steps are learnt from rounding.
+        """
+        w = self.embedding.mu.dtype
+        return w if w in (torch.float32, torch.float64) else torch.float32
+
+    @property
+    def net_dtype(self) -> torch.dtype:
+        """The dtype the network body computes in (the parameters' dtype: bf16 under DeepSpeed's bf16 mode)."""
         return self.embedding.mu.dtype
 
     @property
@@ -207,22 +223,23 @@ class SymDiffModel(nn.Module):
         return x, torch.cat(parts, dim=-1), mask, onehot, integer
 
     # ------------------------------------------------------------------ gamma and the symmetrised denoiser
-    def haar(self, batch: int) -> torch.Tensor:
-        return haar_o3(batch, dtype=self.dtype, device=self.device, backend=self.backend)
+    def haar(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return haar_o3(batch, dtype=self.dtype, device=self.device, backend=self.backend, generator=generator)
 
     def gamma(self, x: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, R0: Optional[torch.Tensor] = None,
               eta: Optional[torch.Tensor] = None, _psi: Optional[torch.Tensor] = None,
-              _pk: Optional[Packing] = None) -> Optional[torch.Tensor]:
+              _pk: Optional[Packing] = None, generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
         """Draw R ~ gamma(. | x, t): [B, 3, 3] in O(3), or None for the unsymmetrised kinds (dit, dit_aug).
 
         x: [B, N, 3] positions (centred here), t: [B] in [0, 1]. ``R0`` (Haar) and ``eta`` ([B, N, noise_dims])
-        are drawn when not given; fixing them makes the draw a deterministic, equivariant function of x.
+        are drawn when not given (from ``generator``, else the global RNG); fixing them makes the draw a
+        deterministic, equivariant function of x.
         """
         if self.kind in ("dit", "dit_aug"):
             return None
         B = x.shape[0]
         if R0 is None:
-            R0 = self.haar(B)
+            R0 = self.haar(B, generator)
         if self.kind == "symdiff_haar":
             return R0
         assert self.gamma_net is not None
@@ -231,17 +248,21 @@ class SymDiffModel(nn.Module):
         pk = _pk if _pk is not None else Packing.from_mask(mask)
         psi = _psi if _psi is not None else self.embedding(x, mask)
         if eta is None:
-            eta = torch.randn(B, x.shape[1], self.gamma_net.noise_dims, dtype=x.dtype, device=x.device)
+            eta = torch.randn(B, x.shape[1], self.gamma_net.noise_dims, dtype=x.dtype, device=x.device,
+                              generator=generator)
         eta = eta * mask.to(x.dtype).unsqueeze(-1)
         return self.gamma_net(x, psi, _as_time(t, B, x), pk, R0.to(x.dtype), eta)
 
     def denoise(self, z: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, R: Optional[torch.Tensor] = None,
-                R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None) -> torch.Tensor:
+                R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """The symmetrised eps_hat(z_t, t) = [R pi(eps'_x(R^T x, h)), eps'_h(R^T x, h)] (SPEC §2.7).
 
         z: [B, N, 3 + d] normalised state, t: [B] (or scalar) in [0, 1]. R is drawn from gamma unless given
         (pass R=None with R0/eta to fix gamma's randomness instead). Unsymmetrised kinds use R = identity.
+        z and the result are in the state dtype; only the eps-network's body runs in ``net_dtype``.
         """
+        z = z.to(self.dtype)
         mask = mask.bool()
         B = z.shape[0]
         m = mask.to(z.dtype).unsqueeze(-1)
@@ -252,10 +273,10 @@ class SymDiffModel(nn.Module):
         # Psi is rotation-invariant: computed once from the unrotated x and shared by gamma and eps'.
         psi = self.embedding(x, mask)
         if R is None:
-            R = self.gamma(x, mask, t, R0=R0, eta=eta, _psi=psi, _pk=pk)
+            R = self.gamma(x, mask, t, R0=R0, eta=eta, _psi=psi, _pk=pk, generator=generator)
         x_in = x if R is None else kernels.com_project_rotate(x, mask, R.to(z.dtype), backend=self.backend,
                                                               transpose=True)
-        out = pk.unpack(self.eps_net(torch.cat([x_in, z[..., 3:]], dim=-1), psi, t, pk))
+        out = pk.unpack(self.eps_net(torch.cat([x_in, z[..., 3:]], dim=-1), psi, t, pk).to(z.dtype))
         out_x = kernels.com_project_rotate(out[..., :3], mask, None if R is None else R.to(z.dtype),
                                            backend=self.backend)
         return torch.cat([out_x, out[..., 3:]], dim=-1) * m
@@ -264,23 +285,25 @@ class SymDiffModel(nn.Module):
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.training_loss(batch)
 
-    def training_loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_loss(self, batch: Any, generator: Optional[torch.Generator] = None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Algorithm 1 with the EDM details of SPEC §2.3: l2 on eps, t ~ U{0..T}, divided by (3 + d) * N_pad.
 
-        Returns the mean over molecules (the only term with a gradient) and detached statistics.
+        Returns the mean over molecules (the only term with a gradient) and detached statistics. All randomness
+        comes from ``generator`` when given, else from torch's global RNG.
         """
         x, h, mask, _, _ = self.features(batch)
         B, N = mask.shape
         if self.kind == "dit_aug":
-            g = self.haar(B)
+            g = self.haar(B, generator)
             x = x @ g.transpose(1, 2)
         xh = torch.cat([x, h], dim=-1)
-        t_int = torch.randint(0, self.timesteps + 1, (B,), device=x.device)
+        t_int = torch.randint(0, self.timesteps + 1, (B,), device=x.device, generator=generator)
         gam = self.schedule.gamma(t_int)
         alpha, sigma = edm._bcast(self.schedule.alpha(gam), xh), edm._bcast(self.schedule.sigma(gam), xh)
-        eps = edm.sample_noise(mask, self.d, xh.dtype, self.backend)
+        eps = edm.sample_noise(mask, self.d, xh.dtype, self.backend, generator)
         z_t = alpha * xh + sigma * eps
-        eps_hat = self.denoise(z_t, mask, t_int.to(xh.dtype) / self.timesteps)
+        eps_hat = self.denoise(z_t, mask, t_int.to(xh.dtype) / self.timesteps, generator=generator)
         err = (eps - eps_hat) ** 2
         err_x = err[..., :3].sum((1, 2))
         err_h = err[..., 3:].sum((1, 2))
@@ -295,12 +318,13 @@ class SymDiffModel(nn.Module):
         return loss, stats
 
     # ------------------------------------------------------------------ likelihood
-    def nll(self, batch: Any, t_int: Optional[torch.Tensor] = None, return_terms: bool = False
-            ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def nll(self, batch: Any, t_int: Optional[torch.Tensor] = None, return_terms: bool = False,
+            generator: Optional[torch.Generator] = None) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-molecule test NLL in nats: the paper's Jensen bound (SPEC §2.4), one gamma draw per term.
 
         ``t_int`` ([B] in 1..T) fixes the diffusion term's time (for variance-reduced checks); by default it is
-        drawn uniformly. With ``return_terms`` also returns the components.
+        drawn uniformly. With ``return_terms`` also returns the components. Randomness from ``generator`` when
+        given, else torch's global RNG.
         """
         x, h, mask, onehot, integer = self.features(batch)
         B = mask.shape[0]
@@ -310,21 +334,21 @@ class SymDiffModel(nn.Module):
         kl = edm.kl_prior(xh, mask, self.schedule)
         # (b) one diffusion term, weighted by T
         if t_int is None:
-            t_int = torch.randint(1, T + 1, (B,), device=x.device)
+            t_int = torch.randint(1, T + 1, (B,), device=x.device, generator=generator)
         t_int = t_int.to(x.device).long()
         g_t, g_s = self.schedule.gamma(t_int), self.schedule.gamma(t_int - 1)
-        eps = edm.sample_noise(mask, self.d, xh.dtype, self.backend)
+        eps = edm.sample_noise(mask, self.d, xh.dtype, self.backend, generator)
         z_t = edm._bcast(self.schedule.alpha(g_t), xh) * xh + edm._bcast(self.schedule.sigma(g_t), xh) * eps
-        eps_hat = self.denoise(z_t, mask, t_int.to(xh.dtype) / T)
+        eps_hat = self.denoise(z_t, mask, t_int.to(xh.dtype) / T, generator=generator)
         err = ((eps - eps_hat) ** 2).sum((1, 2))
         diffusion = T * 0.5 * torch.expm1(g_t - g_s).to(xh.dtype) * err
         # (c) reconstruction at t = 0 with fresh noise
         t0 = torch.zeros(B, dtype=torch.long, device=x.device)
         g0 = self.schedule.gamma(t0)
         a0, s0 = self.schedule.alpha(g0), self.schedule.sigma(g0)
-        eps0 = edm.sample_noise(mask, self.d, xh.dtype, self.backend)
+        eps0 = edm.sample_noise(mask, self.d, xh.dtype, self.backend, generator)
         z0 = edm._bcast(a0, xh) * xh + edm._bcast(s0, xh) * eps0
-        eps0_hat = self.denoise(z0, mask, t0.to(xh.dtype))
+        eps0_hat = self.denoise(z0, mask, t0.to(xh.dtype), generator=generator)
         dof_x = (n - 1).to(xh.dtype) * 3
         x_const = dof_x * (0.5 * g0.to(xh.dtype) + 0.5 * math.log(2 * math.pi))
         x_err = 0.5 * ((eps0[..., :3] - eps0_hat[..., :3]) ** 2).sum((1, 2))
@@ -341,11 +365,14 @@ class SymDiffModel(nn.Module):
     # ------------------------------------------------------------------ sampling
     def reverse_step(self, z_t: torch.Tensor, mask: torch.Tensor, t_int: int | torch.Tensor,
                      s_int: int | torch.Tensor, R: Optional[torch.Tensor] = None, R0: Optional[torch.Tensor] = None,
-                     eta: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     eta: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                     generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """One ancestral step z_t -> z_s (s < t) of Algorithm 2 with the squared sigma_{t|s} (SPEC §2.5).
 
-        ``noise`` ([B, N, 3 + d], CoM-free in x) and gamma's ``R``/``R0``/``eta`` may be fixed; otherwise drawn.
+        ``noise`` ([B, N, 3 + d], CoM-free in x) and gamma's ``R``/``R0``/``eta`` may be fixed; otherwise drawn
+        (from ``generator`` when given).
         """
+        z_t = z_t.to(self.dtype)
         mask = mask.bool()
         B = z_t.shape[0]
         t_int = torch.as_tensor(t_int, device=z_t.device).long().expand(B)
@@ -354,27 +381,31 @@ class SymDiffModel(nn.Module):
         sigma2_ts = self.schedule.sigma2_t_given_s(g_t, g_s)
         alpha_ts = self.schedule.alpha_t_given_s(g_t, g_s)
         sigma_t, sigma_s = self.schedule.sigma(g_t), self.schedule.sigma(g_s)
-        eps_hat = self.denoise(z_t, mask, t_int.to(z_t.dtype) / self.timesteps, R=R, R0=R0, eta=eta)
+        eps_hat = self.denoise(z_t, mask, t_int.to(z_t.dtype) / self.timesteps, R=R, R0=R0, eta=eta,
+                               generator=generator)
         mu = z_t / edm._bcast(alpha_ts, z_t) - edm._bcast(sigma2_ts / (alpha_ts * sigma_t), z_t) * eps_hat
         sigma_q = torch.sqrt(sigma2_ts) * sigma_s / sigma_t
         if noise is None:
-            noise = edm.sample_noise(mask, self.d, z_t.dtype, self.backend)
+            noise = edm.sample_noise(mask, self.d, z_t.dtype, self.backend, generator)
         z_s = mu + edm._bcast(sigma_q, z_t) * noise
         x = edm.remove_mean(z_s[..., :3], mask, self.backend)
         return torch.cat([x, z_s[..., 3:]], dim=-1) * mask.to(z_t.dtype).unsqueeze(-1)
 
     def decode(self, z0: torch.Tensor, mask: torch.Tensor, R: Optional[torch.Tensor] = None,
                R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None,
-               noise: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """p(x, h | z_0): positions from the denoised x-hat_0 plus sigma_0/alpha_0 noise; types from z_0 itself."""
+        z0 = z0.to(self.dtype)
         mask = mask.bool()
         B = z0.shape[0]
         g0 = self.schedule.gamma(torch.zeros(B, dtype=torch.long, device=z0.device))
         a0, s0 = self.schedule.alpha(g0), self.schedule.sigma(g0)
-        eps_hat = self.denoise(z0, mask, torch.zeros(B, dtype=z0.dtype, device=z0.device), R=R, R0=R0, eta=eta)
+        eps_hat = self.denoise(z0, mask, torch.zeros(B, dtype=z0.dtype, device=z0.device), R=R, R0=R0, eta=eta,
+                               generator=generator)
         x_hat = (z0[..., :3] - edm._bcast(s0, z0) * eps_hat[..., :3]) / edm._bcast(a0, z0)
         if noise is None:
-            noise = edm.sample_noise(mask, 0, z0.dtype, self.backend)
+            noise = edm.sample_noise(mask, 0, z0.dtype, self.backend, generator)
         x = edm.remove_mean(x_hat + edm._bcast(s0 / a0, z0) * noise[..., :3], mask, self.backend)
         # Slice exactly the categorical channels (SPEC §2.5: no lost last class).
         cls = z0[..., 3:3 + self.num_classes].argmax(-1)
@@ -382,28 +413,43 @@ class SymDiffModel(nn.Module):
         return x * self.norm_x, Z
 
     @torch.inference_mode()
-    def sample(self, n_atoms: torch.Tensor, steps: Optional[int] = None, progress: Any = None
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(self, n_atoms: torch.Tensor, steps: Optional[int] = None, progress: Any = None,
+               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ancestral sampling for molecules of the given sizes; ``steps`` < T strides the time grid.
 
         Returns positions [B, N, 3] (Angstrom, centred), atomic numbers [B, N] (0 at padding) and the mask,
-        with N = max(n_atoms). ``progress`` (e.g. a tqdm bar) gets ``update(1)`` per network call.
+        with N = max(n_atoms). ``progress`` (e.g. a tqdm bar) gets ``update(1)`` per network call. Noise comes
+        from ``generator`` (on the model's device) when given, else from torch's global RNG.
         """
         n_atoms = torch.as_tensor(n_atoms, dtype=torch.long, device=self.device).flatten()
         if n_atoms.numel() == 0 or int(n_atoms.min()) < 1:
             raise ValueError("every molecule needs at least one atom")
         N = int(n_atoms.max())
         mask = torch.arange(N, device=self.device).unsqueeze(0) < n_atoms.unsqueeze(1)
-        z = edm.sample_noise(mask, self.d, self.dtype, self.backend)
+        z = edm.sample_noise(mask, self.d, self.dtype, self.backend, generator)
         times = edm.strided_times(self.timesteps, steps or self.timesteps)
         for t, s in zip(times[:-1], times[1:]):
-            z = self.reverse_step(z, mask, t, s)
+            z = self.reverse_step(z, mask, t, s, generator=generator)
             if progress is not None:
                 progress.update(1)
-        x, Z = self.decode(z, mask)
+        x, Z = self.decode(z, mask, generator=generator)
         if progress is not None:
             progress.update(1)
         return x, Z, mask
+
+
+def _check_sigma0(schedule: NoiseSchedule, norm_cat: float, norm_int: float) -> None:
+    """EDM's construction check (SPEC §1.3): 8 sigma_0 < 1 / max(one-hot, integer factor).
+
+    The types are read off z_0 by rounding on the unnormalised scale; with more noise than this at t = 0 the
+    discrete likelihood of h and the sampler's argmax no longer see the data's integer grid.
+    """
+    sigma0 = float(schedule.sigma(schedule.gamma(torch.zeros(1, dtype=torch.long)))[0])
+    limit = 1.0 / max(norm_cat, norm_int)
+    if 8.0 * sigma0 >= limit:
+        raise ConfigError(f"diffusion.precision/normalize_factors: 8 * sigma_0 = {8 * sigma0:.4g} must be below "
+                          f"1 / max(normalize_factors[1:]) = {limit:.4g} (EDM's check; lower diffusion.precision or "
+                          f"the one-hot/integer factors)")
 
 
 def _as_time(t: torch.Tensor | float, B: int, like: torch.Tensor) -> torch.Tensor:
