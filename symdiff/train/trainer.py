@@ -122,20 +122,20 @@ def _rewind_metrics(path: Path, step: int) -> None:
 def validation_nll(cfg: DictConfig, ema: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], step: int,
                    device: torch.device) -> dict[str, float]:
     """Mean per-molecule NLL (the paper's bound, EMA weights) on the first ``train.eval_samples`` molecules of the
-    validation split, on this process alone. Its randomness is seeded by the step, so it is repeatable and
-    leaves the training streams alone."""
+    validation split, on this process alone. Its randomness comes from a private generator seeded by the step, so
+    it is repeatable and leaves the training streams (torch's global RNG) alone."""
     from symdiff.data.loader import ShardLoader
     from symdiff.models import build_model
 
     model = build_model(cfg)
-    model.load_state_dict({**{k: v.cpu() for k, v in ema.items()}, **buffers}, strict=False)
+    model.load_state_dict({**{k: v.cpu() for k, v in ema.items()}, **buffers})
     model.to(device).eval()
     loader = ShardLoader(cfg.data.root, cfg.data.val_split, batch_size=int(cfg.sample.batch_size), shuffle=False)
-    torch.manual_seed(seed_of(int(cfg.train.seed), step, 1 << 30))
+    gen = torch.Generator(device=device).manual_seed(seed_of(int(cfg.train.seed), step, 1 << 30))
     total, count = 0.0, 0
     for batch in loader:
         take = min(len(batch), int(cfg.train.eval_samples) - count)
-        nll = model.nll(batch.to(device))[:take]
+        nll = model.nll(batch.to(device), generator=gen)[:take]
         total += float(nll.double().sum())
         count += take
         if count >= int(cfg.train.eval_samples):
