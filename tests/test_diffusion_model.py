@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from symdiff.config import load_config
+from symdiff.diffusion import edm
 from symdiff.errors import DataError
 from symdiff.models import build_model, count_params
 from symdiff.models.gamma import haar_o3
@@ -76,21 +77,54 @@ def test_gamma_gets_gradients_through_qr_once_eps_is_nonzero():
     assert g is not None and g.abs().max() > 0 and torch.isfinite(g).all()
 
 
-def test_dit_aug_rotates_training_inputs_only():
-    """dit_aug: the l2 loss sees a Haar-rotated molecule; denoise itself is the plain (unsymmetrised) DiT."""
-    torch.manual_seed(0)
-    aug, plain = model_of("dit_aug", seed=3), model_of("dit", seed=3)
+def test_dit_aug_rotates_training_inputs_only(monkeypatch):
+    """dit_aug: the l2 loss noises a Haar-rotated molecule g x; denoise, the NLL and sampling are the plain DiT's."""
+    aug, plain = model_of("dit_aug", seed=3).double(), model_of("dit", seed=3).double()
     randomize(aug), plain.load_state_dict(aug.state_dict())
-    batch = batch_of([METHANE], repeat=4, dtype=torch.float32)
+    B = 16
+    batch = batch_of([METHANE], repeat=B, dtype=torch.float64)
     x, h, mask, _, _ = plain.features(batch)
     z = torch.cat([x, h], -1)
-    t = torch.full((4,), 0.3)
-    torch.testing.assert_close(aug.denoise(z, mask, t), plain.denoise(z, mask, t))
-    torch.manual_seed(5)
-    la, _ = aug.training_loss(batch)
-    torch.manual_seed(5)
-    lp, _ = plain.training_loss(batch)
-    assert float(la.detach()) != pytest.approx(float(lp.detach()), rel=1e-6)
+    t = torch.full((B,), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(aug.denoise(z, mask, t), plain.denoise(z, mask, t), atol=0, rtol=0)
+    for model in (aug, plain):  # no rotation (and no Haar draw) in the NLL or the sampler
+        model.eval()
+    nll_a = aug.nll(batch, generator=torch.Generator().manual_seed(5))
+    nll_p = plain.nll(batch, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(nll_a, nll_p, atol=0, rtol=0)
+    xs_a, Zs_a, _ = aug.sample(torch.tensor([4, 6]), steps=3, generator=torch.Generator().manual_seed(6))
+    xs_p, Zs_p, _ = plain.sample(torch.tensor([4, 6]), steps=3, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(xs_a, xs_p, atol=0, rtol=0)
+    assert torch.equal(Zs_a, Zs_p)
+
+    # Training: record the noise and the network's input, and undo the noising to see what was noised.
+    seen = {}
+    sample_noise = edm.sample_noise
+
+    def noise_spy(*args, **kwargs):
+        seen["eps"] = sample_noise(*args, **kwargs)
+        return seen["eps"]
+
+    def denoise_spy(z_t, mask_, t_, **kwargs):
+        seen["z_t"], seen["t"] = z_t, t_
+        return plain.denoise(z_t, mask_, t_)
+
+    monkeypatch.setattr(edm, "sample_noise", noise_spy)
+    monkeypatch.setattr(aug, "denoise", denoise_spy)
+    aug.training_loss(batch, generator=torch.Generator().manual_seed(7))
+    gam = aug.schedule.gamma(torch.round(seen["t"] * aug.timesteps).long())
+    alpha, sigma = aug.schedule.alpha(gam).view(-1, 1, 1), aug.schedule.sigma(gam).view(-1, 1, 1)
+    noised = (seen["z_t"] - sigma * seen["eps"]) / alpha
+    torch.testing.assert_close(noised[..., 3:], h, atol=1e-9, rtol=0)  # types are not rotated
+    # x has rank 3 (methane), so noised_x = x g^T determines g per molecule: it must be a fresh member of O(3).
+    g = torch.linalg.lstsq(x, noised[..., :3]).solution.transpose(1, 2)
+    torch.testing.assert_close(noised[..., :3], x @ g.transpose(1, 2), atol=1e-9, rtol=0)
+    torch.testing.assert_close(g @ g.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(B, 3, 3),
+                               atol=1e-8, rtol=0)
+    assert ((g - torch.eye(3, dtype=torch.float64)).abs().amax((1, 2)) > 0.1).all()
+    assert (g[1:] - g[:1]).abs().amax((1, 2)).min() > 0.1  # one draw per molecule
+    det = torch.linalg.det(g)
+    assert (det > 0).any() and (det < 0).any()  # O(3), reflections included
 
 
 def test_unknown_element_is_a_clear_error():
