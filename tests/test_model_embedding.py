@@ -44,6 +44,17 @@ def test_embedding_of_two_atoms_by_hand():
     torch.testing.assert_close(got[0], torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=0)
     torch.testing.assert_close(got[1], got[0], atol=1e-12, rtol=0)
     assert got[2].abs().max() == 0
-    # W_D is applied after pooling: the bias enters once per real atom whatever the padding (SPEC D6).
-    out = emb(x, mask)
-    assert out.shape == (2, 3)
+    # SPEC D6: Psi_i = W_D (mean over real j of psi_ij) + b_D, the bias once per real atom; the official code's
+    # sum over padded j would give W_D mean + b_D N_pad / N, which depends on the padding.
+    with torch.no_grad():
+        emb.proj.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]], dtype=torch.float64))
+        emb.proj.bias.copy_(torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64))
+    g0, g1 = want
+    psi = torch.tensor([g0 + 0.5, 2 * g1 - 1.0, g0 - g1 + 2.0], dtype=torch.float64)
+    for n_pad in (2, 3, 7):  # the same molecule with 0, 1 and 5 padding atoms
+        xp = torch.cat([x[:, :2], torch.full((1, n_pad - 2, 3), 4.0, dtype=torch.float64)], 1)
+        mp = torch.arange(n_pad)[None] < 2
+        out = emb(xp, mp)
+        assert out.shape == (2, 3)
+        torch.testing.assert_close(out, psi.expand(2, 3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out, emb(x[:, :2], mask[:, :2]), atol=1e-12, rtol=0)
