@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
+from symdiff.data.roots import anchor_layer, resolve_config
 from symdiff.errors import UserError
 
 
@@ -151,6 +152,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 raise ConfigError(f"{layer}: cannot parse YAML: {exc}") from exc
             if "base" in raw:
                 raw.pop("base")
+            anchor_layer(raw, layer.parent)  # a relative data.root is relative to the file that sets it
             try:
                 cfg = OmegaConf.merge(cfg, raw)
             except OmegaConfBaseException as exc:
@@ -165,6 +167,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"{path or 'config'}: required keys not set: {', '.join(missing)}")
+    resolve_config(cfg, Path.cwd())  # bundled:NAME -> its built cache dir; a relative override -> from the cwd
     return cfg
 
 
@@ -206,6 +209,8 @@ def from_dict(d: dict[str, Any]) -> DictConfig:
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     try:
-        return OmegaConf.merge(cfg, d)
+        cfg = OmegaConf.merge(cfg, d)
     except OmegaConfBaseException as exc:
         raise _explain(exc, "stored config") from exc
+    resolve_config(cfg, Path.cwd())
+    return cfg

@@ -64,7 +64,9 @@ def test_frozen_config_carries_overrides(cfg_file: Path, tmp_path: Path) -> None
     frozen = tmp_path / "frozen.yaml"
     frozen.write_text(r.config_text)
     again = load_config(frozen)
-    assert again.train.lr == 0.001 and again.train.max_steps == 7 and again.data.root == "shards/qm9"
+    assert again.train.lr == 0.001 and again.train.max_steps == 7
+    # The frozen copy lives in run/slurm/: it records the root resolved against the submitted file's directory.
+    assert again.data.root == str(tmp_path / "shards" / "qm9")
     # CPU job: no GPU request at all (a --gpus-per-node=0 line would need GRES on the cluster)
     assert not any(o.startswith("--gpus") for o in _sbatch_lines(r.script))
     # other settings, other file: a queued job's config is never rewritten by a later submission
@@ -105,8 +107,9 @@ def test_every_job_kind_renders(cfg_file: Path, tmp_path: Path) -> None:
         assert subprocess.run(["bash", "-n"], input=r.script, text=True).returncode == 0
         assert ("--requeue" in _sbatch_lines(r.script)) == (job == "train")
     sample = render(SubmitOptions(job="sample", n_samples=500), cfg, tmp_path / "run").script
-    assert f"set -- {(tmp_path / 'run').resolve()} 500 qm9 edm shards/qm9 --steps 1000 --batch-size 100 --seed 0\n" \
-        in sample
+    # the data root is the config file's, made absolute: the job's --chdir does not change which shards it reads
+    assert (f"set -- {(tmp_path / 'run').resolve()} 500 qm9 edm {tmp_path / 'shards' / 'qm9'} --steps 1000 "
+            "--batch-size 100 --seed 0\n") in sample
 
 
 def test_time_parsing() -> None:
