@@ -8,6 +8,7 @@ the serial build, whatever the number of ranks.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,8 +17,8 @@ from typing import Any, Optional
 import numpy as np
 
 from symdiff.data.elements import alphabet
-from symdiff.data.shards import (Skipped, check_molecules, make_manifest, publish, temp_dir_for, write_manifest,
-                                 write_shard)
+from symdiff.data.publish import check_replaceable, publish, temp_dir_for
+from symdiff.data.shards import Skipped, check_molecules, make_manifest, write_manifest, write_shard
 from symdiff.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,16 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
         rank, world = comm.Get_rank(), comm.Get_size()
-    if rank == 0 and out.exists() and not overwrite:
-        err: Optional[str] = f"{out}: already exists; pass --overwrite to replace it"
-    else:
-        err = None
+    err: Optional[str] = None
     tmp = temp_dir_for(out) if rank == 0 else None
+    if rank == 0:
+        try:  # before any work: a build that cannot be published must not run for an hour first
+            check_replaceable(out, overwrite=overwrite)
+            tmp.mkdir(parents=True)
+        except DataError as exc:
+            err = str(exc)
+        except OSError as exc:
+            err = _os_error(exc, tmp)
     if comm is not None:
         err, tmp = comm.bcast((err, tmp), root=0)
     if err:
@@ -74,10 +80,6 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
     info: dict[str, Any] = {}
     error: Optional[str] = None
     try:
-        if rank == 0:
-            tmp.mkdir(parents=True)
-        if comm is not None:
-            comm.Barrier()
         src = open_source(dataset, Path(source), shard_size=shard_size, **source_kw)
         for key, by_split in src.iter_parts(rank, world):
             for split, mols in by_split.items():
@@ -86,13 +88,15 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
                 for j, start in enumerate(range(0, len(mols), shard_size)):
                     part = mols.select(np.arange(start, min(start + shard_size, len(mols))))
                     rel = f"{split}/{split}-{key:06d}-{j:03d}.h5"
-                    e = write_shard(tmp / rel, part, dataset=dataset, split=split)
+                    e = _write_shard(tmp, out, rel, part, dataset=dataset, split=split)
                     entries.append((split, key, j, {"path": rel, **e}))
                     log.info("rank %d wrote %s (%d molecules)", rank, rel, len(part))
         has_charges = getattr(src, "has_formal_charges", False)
         info = src.describe()  # after reading: streamed sources only know what they saw at the end
     except UserError as exc:
         error, has_charges = str(exc), False
+    except OSError as exc:  # the machine, not our code: a full disk, a file vanishing, no permission
+        error, has_charges = _os_error(exc, source), False
     except BaseException as exc:
         if comm is None or not isinstance(exc, Exception):
             shutil.rmtree(tmp, ignore_errors=True)
@@ -126,19 +130,43 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
             total_skipped = Skipped()
             for g in gathered:
                 total_skipped.merge(g[1])
+            if not all_entries:
+                shutil.rmtree(tmp, ignore_errors=True)
+                final_error = (f"{source}: no molecules to build a dataset from"
+                               + (f" (all {total_skipped.total} were invalid and skipped)" if total_skipped.total
+                                  else " (an empty source?)"))
             extra = {**info, "shard_size": shard_size, "skipped": total_skipped.to_dict(),
                      "build": {"ranks": world, "seconds": round(time.perf_counter() - t0, 3),
                                "rank_cpu_seconds": [g[4] for g in gathered]}}
             man = make_manifest(dataset, splits, extra=extra)
             man["has_formal_charges"] = bool(has_charges)
             try:
-                write_manifest(tmp, man)
-                publish(tmp, out, overwrite=overwrite)
+                if final_error is None:
+                    write_manifest(tmp, man)
+                    publish(tmp, out, overwrite=overwrite)
             except Exception as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
-                final_error = str(exc)
+                final_error = (f"{out}: cannot publish the dataset: {_reason(exc)}; nothing was published"
+                               if isinstance(exc, OSError) else str(exc))
     if comm is not None:
         man, final_error = comm.bcast((man, final_error), root=0)
     if final_error:
         raise DataError(final_error)
     return man
+
+
+def _write_shard(tmp: Path, out: Path, rel: str, part, *, dataset: str, split: str) -> dict[str, Any]:
+    try:
+        return write_shard(tmp / rel, part, dataset=dataset, split=split)
+    except OSError as exc:
+        raise DataError(f"{out}: cannot write shard {rel}: {_reason(exc)}; nothing was published "
+                        "(an existing dataset there is untouched)") from None
+
+
+def _os_error(exc: OSError, where: Path | str) -> str:
+    return f"{exc.filename or where}: {_reason(exc)}"
+
+
+def _reason(exc: OSError) -> str:
+    # h5py's messages run to several lines of HDF5 internals; the errno says what the user needs to know
+    return os.strerror(exc.errno) if exc.errno else " ".join(str(exc).split())[:200]

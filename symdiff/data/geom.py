@@ -23,6 +23,8 @@ import msgpack
 import numpy as np
 
 from symdiff.data.molecules import MoleculeSet
+from symdiff.data.validate import (check_atomic_numbers, check_offsets, check_positions, int_array, npz_array,
+                                   open_npz)
 from symdiff.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
@@ -159,17 +161,22 @@ class GeomMsgpack(_GeomSource):
     def _parts(self, rank: int, world: int) -> Iterator[tuple[int, dict[str, MoleculeSet]]]:
         with open(self.path, "rb") as f:
             unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=2 ** 31 - 1)
-            i = 0
+            i, done = 0, 0  # done: bytes of the complete objects read so far
+            size = os.fstat(f.fileno()).st_size
             while True:
                 try:
                     if i % world != rank:
                         unpacker.skip()
-                        i += 1
+                        i, done = i + 1, unpacker.tell()
                         continue
                     obj = unpacker.unpack()
+                    done = unpacker.tell()
                 except msgpack.OutOfData:
+                    if done < size:  # OutOfData also ends a file cut inside an object: not a clean end
+                        raise DataError(f"{self.path}: truncated: the file ends inside msgpack object {i} "
+                                        f"(byte {done} of {size})") from None
                     return
-                except (msgpack.UnpackException, ValueError) as exc:
+                except (msgpack.UnpackException, ValueError, TypeError) as exc:
                     raise DataError(f"{self.path}: msgpack object {i}: cannot decode: {exc}") from exc
                 if not isinstance(obj, dict):
                     raise DataError(f"{self.path}: msgpack object {i} is a {type(obj).__name__}, expected a dict "
@@ -181,6 +188,8 @@ class GeomMsgpack(_GeomSource):
         col = _Collector(i)
         for smiles, info in obj.items():
             where = f"{self.path}: object {i}, molecule {smiles!r}"
+            if not isinstance(smiles, str):
+                raise DataError(f"{where}: the key is a {type(smiles).__name__}, expected a SMILES string")
             try:
                 confs = info["conformers"]
                 energies = [float(c["totalenergy"]) for c in confs]
@@ -196,10 +205,8 @@ class GeomMsgpack(_GeomSource):
                         raise ValueError(f"'xyz' has shape {xyz.shape}, expected (n_atoms, 4)")
                 except (KeyError, TypeError, ValueError) as exc:
                     raise DataError(f"{where}, conformer {j}: bad 'xyz': {exc}") from exc
-                z = xyz[:, 0]
-                if not np.all(np.isfinite(z)) or np.any(z != np.round(z)):
-                    raise DataError(f"{where}, conformer {j}: atomic numbers are not integers")
-                col.add(split, z.astype(np.int8), xyz[:, 1:].astype(np.float32), None)
+                z = check_atomic_numbers(f"{where}, conformer {j}", xyz[:, 0], key="xyz[:, 0]")
+                col.add(split, z, xyz[:, 1:].astype(np.float32), None)
         return col
 
 
@@ -262,15 +269,33 @@ class GeomNpz(_GeomSource):
 
     def __init__(self, *a, **k) -> None:
         super().__init__(*a, **k)
-        try:
-            self.z = np.load(self.path)
-        except Exception as exc:
-            raise DataError(f"{self.path}: cannot open as .npz: {exc}") from exc
+        self.z = open_npz(self.path)
         for key in ("mol_smiles", "conf_mol_index", "conf_offsets", "atomic_numbers", "positions"):
             if key not in self.z.files:
                 raise DataError(f"{self.path}: missing array '{key}' (expected the GEOM sample npz layout)")
         self.has_formal_charges = "formal_charges" in self.z.files
-        self.synthetic = bool(self.z["synthetic"]) if "synthetic" in self.z.files else False
+        self.synthetic = bool(npz_array(self.z, self.path, "synthetic")) if "synthetic" in self.z.files else False
+
+    def _arrays(self) -> tuple[np.ndarray, ...]:
+        """The file's arrays, checked to fit together (conformer c owns atoms conf_offsets[c]:conf_offsets[c+1])."""
+        z, p, where = self.z, self.path, str(self.path)
+        smiles = npz_array(z, p, "mol_smiles")
+        mol_of = int_array(where, "conf_mol_index", npz_array(z, p, "conf_mol_index"))
+        if len(mol_of) and (mol_of.min() < 0 or mol_of.max() >= len(smiles)):
+            raise DataError(f"{where}: array 'conf_mol_index' refers to molecule {int(mol_of.max())}, "
+                            f"the file has {len(smiles)}")
+        Z = check_atomic_numbers(where, npz_array(z, p, "atomic_numbers"))
+        off = check_offsets(where, npz_array(z, p, "conf_offsets"), len(mol_of), len(Z), key="conf_offsets")
+        X = check_positions(where, npz_array(z, p, "positions"), len(Z))
+        energy = npz_array(z, p, "conf_energy") if "conf_energy" in z.files else None
+        if energy is not None and energy.shape != mol_of.shape:
+            raise DataError(f"{where}: array 'conf_energy' has shape {energy.shape}, expected {mol_of.shape}")
+        charges = None
+        if self.has_formal_charges:
+            charges = int_array(where, "formal_charges", npz_array(z, p, "formal_charges")).astype(np.int8)
+            if len(charges) != len(Z):
+                raise DataError(f"{where}: array 'formal_charges' has {len(charges)} entries for {len(Z)} atoms")
+        return smiles, mol_of, off, energy, charges, Z, X
 
     def describe(self) -> dict[str, Any]:
         d = super().describe()
@@ -280,11 +305,7 @@ class GeomNpz(_GeomSource):
         return d
 
     def _parts(self, rank: int, world: int) -> Iterator[tuple[int, dict[str, MoleculeSet]]]:
-        z = self.z
-        smiles, mol_of, off = z["mol_smiles"], z["conf_mol_index"].astype(np.int64), z["conf_offsets"]
-        energy = z["conf_energy"] if "conf_energy" in z.files else None
-        charges = z["formal_charges"] if self.has_formal_charges else None
-        Z, X = z["atomic_numbers"], z["positions"]
+        smiles, mol_of, off, energy, charges, Z, X = self._arrays()
         n_mols = len(smiles)
         mols_per_part = 1000
         for part in range(-(-n_mols // mols_per_part)):
@@ -314,11 +335,11 @@ def _edm_permutation_split(parts: Iterator[tuple[int, dict[str, MoleculeSet]]], 
     order = np.argsort(allm.mol_ids, kind="stable")  # read order = id order
     allm = allm.select(order)
     try:
-        perm = np.load(perm_path)
+        perm = np.load(perm_path, allow_pickle=False)
     except Exception as exc:
         raise DataError(f"{perm_path}: cannot load the permutation: {exc}") from exc
     m = len(allm)
-    if perm.shape != (m,) or not np.array_equal(np.sort(perm), np.arange(m)):
+    if not isinstance(perm, np.ndarray) or perm.shape != (m,) or not np.array_equal(np.sort(perm), np.arange(m)):
         raise DataError(f"{perm_path}: not a permutation of the {m} conformers read from the source")
     n_val = n_test = int(0.1 * m)
     groups = {"valid": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}

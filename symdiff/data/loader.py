@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import h5py
 import numpy as np
 
 from symdiff.data.batch import Batch, collate
 from symdiff.data.molecules import MoleculeSet
-from symdiff.data.shards import read_manifest, read_shard, split_entry
+from symdiff.data.shards import read_manifest, read_offsets, read_shard, split_entry
 from symdiff.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -60,11 +59,7 @@ class ShardLoader:
         self.shard_paths = [self.root / s["path"] for s in entry["shards"]]
         sizes = []
         for p, s in zip(self.shard_paths, entry["shards"]):
-            try:
-                with h5py.File(p, "r") as f:
-                    off = f["offsets"][:]
-            except (OSError, KeyError) as exc:
-                raise DataError(f"{p}: cannot read shard offsets: {exc}") from exc
+            off = read_offsets(p)
             if len(off) - 1 != s["n_molecules"]:
                 raise DataError(f"{p}: holds {len(off) - 1} molecules, manifest says {s['n_molecules']}")
             sizes.append(np.diff(off).astype(np.int32))

@@ -17,6 +17,7 @@ import numpy as np
 
 from symdiff.data.elements import NUMBERS
 from symdiff.data.molecules import MoleculeSet
+from symdiff.data.validate import checked_set, decode_text, int_array, npz_array, open_npz
 from symdiff.errors import DataError
 
 N_QM9_FILES = 133_885
@@ -83,19 +84,19 @@ class QM9Npz:
 
     def __init__(self, path: Path, shard_size: int) -> None:
         self.path = Path(path)
-        try:
-            self.z = np.load(self.path)
-        except Exception as exc:
-            raise DataError(f"{self.path}: cannot open as .npz: {exc}") from exc
+        self.z = open_npz(self.path)
         for key in ("mol_id", "offsets", "atomic_numbers", "positions"):
             if key not in self.z.files:
                 raise DataError(f"{self.path}: missing array '{key}' (expected the qm9.npz layout)")
-        self.ids = self.z["mol_id"].astype(np.int64)
-        self.offsets = self.z["offsets"].astype(np.int64)
+        self.ids = int_array(str(self.path), "mol_id", npz_array(self.z, self.path, "mol_id"))
+        self.offsets = int_array(str(self.path), "offsets", npz_array(self.z, self.path, "offsets"))
         if len(self.offsets) != len(self.ids) + 1:
             raise DataError(f"{self.path}: offsets has {len(self.offsets)} entries for {len(self.ids)} molecules")
         if "split_edm" in self.z.files:
-            split = self.z["split_edm"].astype(np.int64)
+            split = int_array(str(self.path), "split_edm", npz_array(self.z, self.path, "split_edm"))
+            if len(split) != len(self.ids):
+                raise DataError(f"{self.path}: array 'split_edm' has {len(split)} entries for "
+                                f"{len(self.ids)} molecules")
         else:
             split, _ = split_positions(self.ids)
         self.split = split
@@ -123,19 +124,19 @@ class QM9Npz:
         return out
 
     def iter_parts(self, rank: int, world: int) -> Iterator[tuple[int, dict[str, MoleculeSet]]]:
-        z = self.z["atomic_numbers"]
-        x = self.z["positions"]
+        z = npz_array(self.z, self.path, "atomic_numbers")
         q = None
         if self.charges_from is not None:
-            cz = np.load(self.charges_from[0])
-            if self.charges_from[0] != self.path and "mol_id" in cz.files and \
-                    not np.array_equal(cz["mol_id"].astype(np.int64), self.ids):
-                raise DataError(f"{self.charges_from[0]}: mol_id order differs from {self.path}")
-            q = cz[self.charges_from[1]]
-            if len(q) != len(z):
-                raise DataError(f"{self.charges_from[0]}: {len(q)} formal charges for {len(z)} atoms in {self.path}")
-        full = MoleculeSet(atomic_numbers=z, positions=np.asarray(x, dtype=np.float32).reshape(-1, 3),
-                           offsets=self.offsets, mol_ids=self.ids, formal_charges=q)
+            cpath = self.charges_from[0]
+            cz = self.z if cpath == self.path else open_npz(cpath)
+            if cpath != self.path and "mol_id" in cz.files and \
+                    not np.array_equal(npz_array(cz, cpath, "mol_id").astype(np.int64), self.ids):
+                raise DataError(f"{cpath}: mol_id order differs from {self.path}")
+            q = npz_array(cz, cpath, self.charges_from[1])
+            if cpath != self.path and len(q) != len(z):
+                raise DataError(f"{cpath}: {len(q)} formal charges for {len(z)} atoms in {self.path}")
+        full = checked_set(str(self.path), z, npz_array(self.z, self.path, "positions"), self.offsets, self.ids, q,
+                           id_key="mol_id")
         for key, name, rows in self.parts():
             if key % world == rank:
                 yield key, {name: full.select(rows)}
@@ -197,6 +198,13 @@ def format_xyz(mol_id: int, z: np.ndarray, x: np.ndarray, *, properties: Optiona
     return "\n".join(lines)
 
 
+def _read_xyz_file(path: Path) -> str:
+    try:
+        return decode_text(path.read_bytes(), str(path))
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
 def _open_compressed(path: Path):
     """A buffered, decompressed stream of a (.bz2 / .gz / plain) tarball: much faster than tarfile's own "r|*"."""
     import bz2
@@ -242,7 +250,7 @@ class QM9Xyz:
                 raise DataError(f"{self.path}: no dsgdb9nsd_*.xyz files found")
             unc = self.path / "uncharacterized.txt"
             if unc.is_file():
-                self._check_uncharacterized(unc.read_text(), str(unc))
+                self._check_uncharacterized(_read_xyz_file(unc), str(unc))
 
     def _check_uncharacterized(self, text: str, where: str) -> None:
         ids = parse_uncharacterized(text, where)
@@ -270,9 +278,9 @@ class QM9Xyz:
                 with _open_compressed(self.path) as raw, tarfile.open(fileobj=raw, mode="r|") as tf:
                     for m in tf:
                         hit = _XYZ_NAME.search(m.name)
-                        if m.name.endswith("uncharacterized.txt"):
-                            self._check_uncharacterized(tf.extractfile(m).read().decode(),
-                                                        f"{self.path}:{m.name}")
+                        if m.name.endswith("uncharacterized.txt") and m.isfile():
+                            where = f"{self.path}:{m.name}"
+                            self._check_uncharacterized(decode_text(tf.extractfile(m).read(), where), where)
                         if not (hit and m.isfile()):
                             continue
                         i = int(hit.group(1))
@@ -283,7 +291,8 @@ class QM9Xyz:
                         if k < 0:
                             self.n_excluded += 1
                         elif k % world == rank:
-                            texts[i] = (f"{self.path}:{m.name}", tf.extractfile(m).read().decode())
+                            where = f"{self.path}:{m.name}"
+                            texts[i] = (where, decode_text(tf.extractfile(m).read(), where))
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise DataError(f"{self.path}: cannot read tarball: {exc}") from exc
             if self.n_files == 0:
@@ -305,7 +314,7 @@ class QM9Xyz:
                     where, text = texts.pop(i)
                 else:
                     where = str(self.members[i])
-                    text = self.members[i].read_text()
+                    text = _read_xyz_file(self.members[i])
                 mol_id, z, x = parse_xyz(text, where)
                 if mol_id != i:
                     raise DataError(f"{where}: header says gdb {mol_id} but the file name says {i}")

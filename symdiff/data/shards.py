@@ -23,11 +23,12 @@ import h5py
 import numpy as np
 
 from symdiff.data.elements import Alphabet, alphabet
+from symdiff.data.manifest import FORMAT, MANIFEST, read_manifest  # noqa: F401  (re-exported)
 from symdiff.data.molecules import MoleculeSet
+from symdiff.data.publish import publish, temp_dir_for  # noqa: F401  (re-exported)
+from symdiff.data.validate import checked_set
 from symdiff.errors import DataError
 
-FORMAT = "symdiff-shards/1"
-MANIFEST = "manifest.json"
 ARRAYS = ("atomic_numbers", "positions", "offsets", "mol_ids")
 
 
@@ -166,27 +167,6 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, root / MANIFEST)
 
 
-def temp_dir_for(out: Path) -> Path:
-    """A sibling of ``out`` (same filesystem, so the final rename is atomic)."""
-    out = Path(out).absolute()
-    return out.parent / f".{out.name}.building-{uuid.uuid4().hex[:12]}"
-
-
-def publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
-    """Move the finished build ``tmp`` to ``out`` by rename; an existing ``out`` is replaced only if asked."""
-    out = Path(out)
-    if out.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"{out}: already exists; pass --overwrite to replace it")
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:12]}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
 def write_dataset(out: Path, dataset: str, splits: dict[str, MoleculeSet], *, shard_size: int = 10_000,
                   overwrite: bool = False, extra: Optional[dict] = None) -> dict[str, Any]:
     """Write in-memory splits as a complete dataset at ``out`` (atomically). Used for small sets and tests."""
@@ -215,20 +195,6 @@ def write_dataset(out: Path, dataset: str, splits: dict[str, MoleculeSet], *, sh
 
 
 # ----------------------------------------------------------------------------------------------- reading
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path}: no manifest (is {root} a dataset built by `symdiff data build`?)")
-    try:
-        man = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON: {exc}") from exc
-    for key in ("dataset", "splits", "atom_types", "max_atoms", "n_atoms_histogram"):
-        if key not in man:
-            raise DataError(f"{path}: missing key '{key}'")
-    return man
-
-
 def split_entry(man: dict[str, Any], split: str, root: str | Path) -> dict[str, Any]:
     if split not in man["splits"]:
         raise DataError(f"{Path(root) / MANIFEST}: no split '{split}' (have: {', '.join(man['splits'])})")
@@ -236,20 +202,100 @@ def split_entry(man: dict[str, Any], split: str, root: str | Path) -> dict[str, 
 
 
 def read_shard(path: str | Path, start: int = 0, stop: Optional[int] = None) -> MoleculeSet:
-    """Molecules ``start:stop`` of one shard (contiguous slices only: one read per array)."""
+    """Molecules ``start:stop`` of one shard (contiguous slices only: one read per array), validated."""
     path = Path(path)
+    with _open_shard(path) as (ds, n_mols, n_atoms):
+        stop = n_mols if stop is None else min(stop, n_mols)
+        off = _offsets_slice(path, ds, start, stop, n_mols, n_atoms)
+        a0, a1 = int(off[0]), int(off[-1])
+        try:
+            charges = ds["formal_charges"][a0:a1] if "formal_charges" in ds else None
+            arrays = (ds["atomic_numbers"][a0:a1], ds["positions"][a0:a1], ds["mol_ids"][start:stop])
+        except (OSError, ValueError, TypeError) as exc:
+            raise DataError(f"{path}: cannot read shard: {_one_line(exc)}") from None
+    return checked_set(str(path), arrays[0], arrays[1], off - a0, arrays[2], charges)
+
+
+def read_offsets(path: str | Path) -> np.ndarray:
+    """The whole offsets array of a shard (sizes for batch planning), validated like :func:`read_shard`."""
+    path = Path(path)
+    with _open_shard(path) as (ds, n_mols, n_atoms):
+        return _offsets_slice(path, ds, 0, n_mols, n_mols, n_atoms)
+
+
+class _open_shard:
+    """``with _open_shard(p) as (arrays, n_molecules, n_atoms)``: the HDF5 datasets of a shard whose shapes and
+    dtypes fit together (checked from metadata only, before any data is read). Errors become one-line DataErrors
+    naming the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.f = path, None
+
+    def __enter__(self) -> tuple[dict[str, h5py.Dataset], int, int]:
+        p = self.path
+        if not p.is_file():
+            raise DataError(f"{p}: shard listed in the manifest is missing" if not p.exists()
+                            else f"{p}: not a shard file")
+        try:
+            self.f = h5py.File(p, "r")
+        except OSError as exc:
+            raise DataError(f"{p}: not a readable HDF5 shard (truncated or damaged?): {_one_line(exc)}") from None
+        try:
+            return self._shapes()
+        except BaseException:
+            self.f.close()
+            raise
+
+    def _shapes(self) -> tuple[dict[str, h5py.Dataset], int, int]:
+        f, p = self.f, self.path
+        ds, shapes = {}, {}
+        for name in ARRAYS + ("formal_charges",):
+            obj = f.get(name)
+            if obj is None:
+                if name == "formal_charges":  # optional: only sources that know charges write them
+                    continue
+                raise DataError(f"{p}: missing array '{name}'")
+            if not isinstance(obj, h5py.Dataset):
+                raise DataError(f"{p}: '{name}' is an HDF5 {type(obj).__name__.lower()}, expected an array")
+            want = "f" if name == "positions" else "iu"
+            if obj.dtype.kind not in want:
+                raise DataError(f"{p}: array '{name}' has dtype {obj.dtype}, expected "
+                                + ("floats" if want == "f" else "integers"))
+            ds[name], shapes[name] = obj, obj.shape
+        n_atoms = shapes["atomic_numbers"][0] if len(shapes["atomic_numbers"]) == 1 else -1
+        n_mols = shapes["offsets"][0] - 1 if len(shapes["offsets"]) == 1 else -1
+        want_shapes = {"atomic_numbers": (n_atoms,), "positions": (n_atoms, 3), "mol_ids": (n_mols,),
+                       "formal_charges": (n_atoms,)}
+        if n_mols < 0:
+            raise DataError(f"{p}: array 'offsets' has shape {shapes['offsets']}, expected (n_molecules + 1,)")
+        for name, shape in shapes.items():
+            if name != "offsets" and shape != want_shapes[name]:
+                raise DataError(f"{p}: array '{name}' has shape {shape}, expected {want_shapes[name]} "
+                                f"({n_mols} molecules, {max(n_atoms, 0)} atoms)")
+        return ds, int(n_mols), int(n_atoms)
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+
+def _offsets_slice(path: Path, ds: dict[str, h5py.Dataset], start: int, stop: int, n_mols: int, n_atoms: int
+                   ) -> np.ndarray:
+    """``offsets[start:stop + 1]`` checked: non-decreasing, inside ``0..n_atoms``, exact at the shard's ends."""
+    if not 0 <= start <= stop <= n_mols:
+        raise DataError(f"{path}: molecules {start}:{stop} requested, the shard holds {n_mols}")
     try:
-        with h5py.File(path, "r") as f:
-            offsets_all = f["offsets"]
-            n = offsets_all.shape[0] - 1
-            stop = n if stop is None else min(stop, n)
-            off = offsets_all[start:stop + 1].astype(np.int64)
-            a0, a1 = int(off[0]), int(off[-1])
-            charges = f["formal_charges"][a0:a1] if "formal_charges" in f else None
-            return MoleculeSet(atomic_numbers=f["atomic_numbers"][a0:a1], positions=f["positions"][a0:a1],
-                               offsets=off - a0, mol_ids=f["mol_ids"][start:stop], formal_charges=charges)
-    except (OSError, KeyError, ValueError, IndexError) as exc:
-        raise DataError(f"{path}: cannot read shard: {exc}") from exc
+        off = ds["offsets"][start:stop + 1].astype(np.int64)
+    except (OSError, ValueError, TypeError) as exc:
+        raise DataError(f"{path}: cannot read shard offsets: {_one_line(exc)}") from None
+    bad = ((start == 0 and off[0] != 0) or (stop == n_mols and off[-1] != n_atoms)
+           or off[0] < 0 or off[-1] > n_atoms or np.any(np.diff(off) < 0))
+    if bad:
+        raise DataError(f"{path}: array 'offsets' is not a non-decreasing 0..{n_atoms} sequence")
+    return off
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def read_split(root: str | Path, split: str) -> MoleculeSet:
@@ -285,8 +331,12 @@ def verify(root: str | Path, *, deep: bool = True) -> dict[str, Any]:
         for s in ent["shards"]:
             p = root / s["path"]
             if not p.is_file():
-                raise DataError(f"{p}: shard listed in the manifest is missing")
-            digest = sha256_file(p)
+                raise DataError(f"{p}: shard listed in the manifest is missing" if not p.exists()
+                                else f"{p}: shard listed in the manifest is not a file")
+            try:
+                digest = sha256_file(p)
+            except OSError as exc:
+                raise DataError(f"{p}: cannot read shard: {exc.strerror or exc}") from None
             if digest != s["sha256"]:
                 raise DataError(f"{p}: checksum mismatch (sha256 {digest[:16]}..., manifest says "
                                 f"{s['sha256'][:16]}...): the shard is corrupted or was modified")
@@ -309,26 +359,10 @@ def verify(root: str | Path, *, deep: bool = True) -> dict[str, Any]:
 
 
 def _check_shard_structure(p: Path, entry: dict, alpha: Alphabet, man: dict) -> MoleculeSet:
-    try:
-        with h5py.File(p, "r") as f:
-            for name in ARRAYS:
-                if name not in f:
-                    raise DataError(f"{p}: missing array '{name}'")
-            if man.get("has_formal_charges") and "formal_charges" not in f:
-                raise DataError(f"{p}: missing array 'formal_charges' (manifest says the dataset has them)")
-    except OSError as exc:
-        raise DataError(f"{p}: not a readable HDF5 shard: {exc}") from exc
+    # read_shard checks shapes, dtypes and offsets; what is left is agreement with the manifest and the alphabet
     mols = read_shard(p)
-    off = mols.offsets
-    n_atoms = len(mols.atomic_numbers)
-    if len(off) < 1 or off[0] != 0 or off[-1] != n_atoms or np.any(np.diff(off) < 0):
-        raise DataError(f"{p}: offsets are not a non-decreasing 0..{n_atoms} sequence")
-    if mols.positions.shape != (n_atoms, 3):
-        raise DataError(f"{p}: positions shape {mols.positions.shape}, expected ({n_atoms}, 3)")
-    if len(mols.mol_ids) != len(mols):
-        raise DataError(f"{p}: {len(mols.mol_ids)} mol_ids for {len(mols)} molecules")
-    if mols.formal_charges is not None and len(mols.formal_charges) != n_atoms:
-        raise DataError(f"{p}: {len(mols.formal_charges)} formal charges for {n_atoms} atoms")
+    if man.get("has_formal_charges") and mols.formal_charges is None:
+        raise DataError(f"{p}: missing array 'formal_charges' (manifest says the dataset has them)")
     if len(mols) != entry["n_molecules"]:
         raise DataError(f"{p}: holds {len(mols)} molecules, manifest says {entry['n_molecules']}")
     bad = problems(mols, alpha)
