@@ -151,3 +151,79 @@ def test_v3000_records(tmp_path):
     assert rec.mols.formal_charges[:8].tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
     assert len(rec.bonds[1]) == 7
     np.testing.assert_allclose(rec.mols.positions[8:], m.GetConformer().GetPositions(), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------- bad charge fields, through the CLI
+def _eval_fails(capsys, path) -> str:
+    """`symdiff eval --samples PATH`: exit 1, one line on stderr naming the file, no traceback."""
+    from symdiff.cli import main as cli_main
+
+    rc = cli_main(["eval", "--samples", str(path), "--dataset", "qm9"])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in err, (rc, err)
+    assert lines[0].startswith(f"symdiff eval: error: {path}: ")
+    return lines[0]
+
+
+def _charged_xyz(tmp_path, charges: str):
+    p = tmp_path / "c.xyz"
+    write_xyz(p, _mols())
+    text = p.read_text()
+    assert "formal_charges=1,0,0,0,-1,0,0,0,0,0" in text
+    p.write_text(text.replace("formal_charges=1,0,0,0,-1,0,0,0,0,0", f"formal_charges={charges}"))
+    return p
+
+
+@pytest.mark.parametrize("charges,why", [
+    ("1-,0,0,0,-1,0,0,0,0,0", "'1-' is not a formal charge"),
+    ("1,0,0,0,-1,0,0,0,0,x", "'x' is not a formal charge"),
+    ("1,0,0,0,-1,0,0", "7 values for 10 atoms"),
+])
+def test_malformed_xyz_formal_charges_are_one_line(tmp_path, capsys, charges, why):
+    line = _eval_fails(capsys, _charged_xyz(tmp_path, charges))
+    assert "molecule 1, line 2: malformed formal_charges=" in line and why in line
+
+
+@pytest.mark.parametrize("charges", ["abc", "0.5,0,0,0,-1,0,0,0,0,0", "300,0,0,0,-1,0,0,0,0,0"])
+def test_xyz_formal_charges_are_never_silently_dropped_or_wrapped(tmp_path, charges):
+    # before: 'abc' and '0.5,...' were ignored (no charges at all), 300 became 44 in int8
+    with pytest.raises(DataError, match=r"c.xyz: molecule 1, line 2: malformed formal_charges="):
+        read_molecules(_charged_xyz(tmp_path, charges))
+
+
+def _charged_sdf(tmp_path, chg_line: str):
+    p = tmp_path / "c.sdf"
+    write_sdf(p, _mols())
+    text = p.read_text()
+    assert text.count("M  CHG  2   1   1   5  -1\n") == 1
+    p.write_text(text.replace("M  CHG  2   1   1   5  -1\n", chg_line + "\n"))
+    return p
+
+
+@pytest.mark.parametrize("chg,why", [
+    ("M  CHG  2   1   1  11  -1", "'M  CHG' names atom 11, the record has 10 atoms"),
+    ("M  CHG  2   1   1   5 -1.5", "atom index and charge must be integers"),
+    ("M  CHG  2   1   1   5   x", "atom index and charge must be integers"),
+    ("M  CHG  3   1   1   5  -1", "malformed 'M  CHG' line"),
+])
+def test_bad_sdf_charge_line_is_one_line(tmp_path, capsys, chg, why):
+    line = _eval_fails(capsys, _charged_sdf(tmp_path, chg))
+    assert "record 1, line 15" in line and why in line
+
+
+def test_sdf_charge_on_atom_zero_does_not_land_on_the_last_atom(tmp_path):
+    # before: atom 0 became index -1, silently charging the record's last atom
+    with pytest.raises(DataError, match=r"c.sdf: record 1, line 15: 'M  CHG' names atom 0"):
+        read_molecules(_charged_sdf(tmp_path, "M  CHG  2   0   1   5  -1"))
+
+
+def test_damaged_npz_sample_file_is_one_line(tmp_path, capsys):
+    p = tmp_path / "s.npz"
+    write_npz(p, _mols())
+    raw = bytearray(p.read_bytes())
+    at = raw.find(b"positions.npy") + 200
+    raw[at:at + 30] = bytes(b ^ 0x5A for b in raw[at:at + 30])
+    p.write_bytes(bytes(raw))
+    line = _eval_fails(capsys, p)
+    assert "array 'positions' is unreadable" in line

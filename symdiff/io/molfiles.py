@@ -34,6 +34,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from symdiff.data.molecules import MoleculeSet
+from symdiff.data.validate import checked_set, npz_array, open_npz
 from symdiff.errors import DataError
 
 NPZ_FORMAT = "symdiff-molecules"
@@ -309,9 +310,8 @@ def read_sdf_records(path: PathLike) -> MoleculeRecords:
                 if not chg_seen:
                     q[:] = 0  # an M  CHG block supersedes the atom-block charge codes
                     chg_seen = True
-                toks = ln.split()[3:]
-                for a, v in zip(toks[0::2], toks[1::2]):
-                    q[int(a) - 1] = int(v)
+                for a, v in _chg_entries(ln, n_atoms, f"{path}: record {rec + 1}, line {i}"):
+                    q[a] = v
             elif ln.strip() == "$$$$":
                 break
         # a record without a bond block has no graph (None), not an empty graph
@@ -322,6 +322,24 @@ def read_sdf_records(path: PathLike) -> MoleculeRecords:
         raise DataError(f"{path}: no molecules found")
     mols = MoleculeSet.from_lists(zs, xs, ids=ids, charges=qs)
     return MoleculeRecords(mols, bond_lists if has_bonds else None, names)
+
+
+def _chg_entries(ln: str, n_atoms: int, where: str) -> list[tuple[int, int]]:
+    """``M  CHGnn8 aaa vvv ...``: (0-based atom, charge) pairs, checked against the record's atom count."""
+    toks = ln[6:].split()
+    if not toks or not _is_int(toks[0]) or len(toks) != 1 + 2 * int(toks[0]):
+        raise DataError(f"{where}: malformed 'M  CHG' line {ln.strip()!r} (expected a count, then that many "
+                        "atom/charge pairs)")
+    out = []
+    for a, v in zip(toks[1::2], toks[2::2]):
+        if not (_is_int(a) and _is_int(v)):
+            raise DataError(f"{where}: 'M  CHG' entry {a} {v}: atom index and charge must be integers")
+        if not 1 <= int(a) <= n_atoms:
+            raise DataError(f"{where}: 'M  CHG' names atom {int(a)}, the record has {n_atoms} atoms")
+        if not -15 <= int(v) <= 15:
+            raise DataError(f"{where}: 'M  CHG' gives atom {int(a)} the charge {int(v)} (V2000 allows -15..15)")
+        out.append((int(a) - 1, int(v)))
+    return out
 
 
 def _parse_v3000(block: str, where: str):
@@ -387,12 +405,9 @@ def read_xyz(path: PathLike) -> MoleculeSet:
                 raise DataError(f"{lw}: atom {a + 1}: {exc}") from None
             x[a] = [_parse_float(t, lw) for t in toks[1:4]]
         q = np.zeros(n, dtype=np.int64)
-        m = re.search(r"formal_charges=([-\d,]+)", comment)
+        m = _CHARGES_RE.search(comment)
         if m:
-            vals = [int(v) for v in m.group(1).split(",") if v]
-            if len(vals) != n:
-                raise DataError(f"{where}: formal_charges lists {len(vals)} values for {n} atoms")
-            q[:] = vals
+            q[:] = _xyz_charges(m.group(1), n, f"{path}: molecule {rec + 1}, line {i + 2}")
             any_charges = True
         zs.append(z), xs.append(x), qs.append(q), ids.append(_id_from_title(comment, rec))
         i += 2 + n
@@ -403,40 +418,42 @@ def read_xyz(path: PathLike) -> MoleculeSet:
     return mols
 
 
+_CHARGES_RE = re.compile(r"formal_charges=(\S*)")
+
+
+def _xyz_charges(field: str, n: int, where: str) -> list[int]:
+    """The comment's ``formal_charges=q1,q2,...``: exactly one integer per atom."""
+    vals = field.split(",") if field else []
+    bad = [v for v in vals if not _is_int(v) or not -15 <= int(v) <= 15]
+    if bad or len(vals) != n:
+        what = (f"'{bad[0]}' is not a formal charge (an integer in -15..15)" if bad
+                else f"{len(vals)} values for {n} atoms")
+        raise DataError(f"{where}: malformed formal_charges={field[:60]!r}: {what} "
+                        "(expected one comma-separated integer per atom)")
+    return [int(v) for v in vals]
+
+
+def _is_int(tok: str) -> bool:
+    t = tok.strip()
+    return (t[1:] if t[:1] in "+-" else t).isdigit()
+
+
 def read_npz(path: PathLike) -> MoleculeSet:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        data = np.load(path, allow_pickle=False)
-    except Exception as exc:  # numpy raises several types for a corrupt zip
-        raise DataError(f"{path}: not a readable .npz file ({exc})") from None
+    data = open_npz(path)
     with data:
-        fmt = str(data["format"]) if "format" in data.files else None
+        fmt = str(npz_array(data, path, "format")) if "format" in data.files else None
         if fmt != NPZ_FORMAT:
             raise DataError(f"{path}: not a symdiff sample file (key 'format' is {fmt!r}, expected '{NPZ_FORMAT}')")
-        version = int(data["version"]) if "version" in data.files else -1
-        if version != NPZ_VERSION:
-            raise DataError(f"{path}: sample-file version {version} is not supported (expected {NPZ_VERSION})")
-        for key in ("atomic_numbers", "positions", "offsets", "mol_ids"):
-            if key not in data.files:
-                raise DataError(f"{path}: key '{key}' is missing")
-        z = np.asarray(data["atomic_numbers"], dtype=np.int8)
-        x = np.asarray(data["positions"], dtype=np.float32)
-        off = np.asarray(data["offsets"], dtype=np.int64)
-        ids = np.asarray(data["mol_ids"], dtype=np.int64)
-        q = np.asarray(data["formal_charges"], dtype=np.int8) if "formal_charges" in data.files else None
-    if x.shape != (len(z), 3):
-        raise DataError(f"{path}: key 'positions' has shape {x.shape}, expected ({len(z)}, 3)")
-    if off.ndim != 1 or len(off) < 1 or off[0] != 0 or off[-1] != len(z) or np.any(np.diff(off) < 0):
-        raise DataError(f"{path}: key 'offsets' is not a valid 0..{len(z)} non-decreasing offset array")
-    if len(ids) != len(off) - 1:
-        raise DataError(f"{path}: key 'mol_ids' has {len(ids)} entries for {len(off) - 1} molecules")
-    if q is not None and q.shape != z.shape:
-        raise DataError(f"{path}: key 'formal_charges' has shape {q.shape}, expected {z.shape}")
-    if len(ids) == 0:
+        version = npz_array(data, path, "version") if "version" in data.files else None
+        if version is None or version.shape != () or version.dtype.kind not in "iu" or int(version) != NPZ_VERSION:
+            raise DataError(f"{path}: sample-file version {version!r} is not supported (expected {NPZ_VERSION})")
+        arrays = [npz_array(data, path, k) for k in ("atomic_numbers", "positions", "offsets", "mol_ids")]
+        q = npz_array(data, path, "formal_charges") if "formal_charges" in data.files else None
+    mols = checked_set(str(path), arrays[0], arrays[1], arrays[2], arrays[3], q)
+    if len(mols) == 0:
         raise DataError(f"{path}: the file holds no molecules")
-    return MoleculeSet(atomic_numbers=z, positions=x, offsets=off, mol_ids=ids, formal_charges=q)
+    return mols
 
 
 def read_records(path: PathLike) -> MoleculeRecords:
