@@ -6,10 +6,13 @@ adds the error messages users need: which key, which file, and what was wrong.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -46,6 +49,8 @@ class DataConfig:
     seed: int = 0
     include_charges: bool = True  # QM9: integer atomic-number feature Z/10 (EDM "charges")
     remove_h: bool = False
+    # Shard check at the start of training: full (sha256 + lengths; 0.16 s on full QM9) | size (lengths) | off
+    verify: str = "full"
 
 
 @dataclass
@@ -136,58 +141,277 @@ def _explain(exc: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{source}: {where}: {msg}")
 
 
+# ------------------------------------------------------------------------------------------------ value ranges
+# One table of what each numeric or enum-like key may hold, checked after every file and override is merged (and
+# for configs stored in checkpoints), so a nonsense value stops before any work instead of training on it.
+Check = Callable[[Any], bool]
+
+
+def _int_at_least(lo: int) -> tuple[Check, str]:
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo), f"an integer >= {lo}"
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive() -> tuple[Check, str]:
+    return (lambda v: _finite(v) and v > 0), "a finite number > 0"
+
+
+def _non_negative() -> tuple[Check, str]:
+    return (lambda v: _finite(v) and v >= 0), "a finite number >= 0"
+
+
+def _open_interval(lo: float, hi: float) -> tuple[Check, str]:
+    return (lambda v: _finite(v) and lo < v < hi), f"a number in ({lo:g}, {hi:g})"
+
+
+def _one_of(*values: Any) -> tuple[Check, str]:
+    return (lambda v: v in values), "one of " + "|".join(str(x) for x in values)
+
+
+def _matches(pattern: str, human: str) -> tuple[Check, str]:
+    return (lambda v: isinstance(v, str) and re.fullmatch(pattern, v) is not None), human
+
+
+# Kept literal rather than imported from the model/kernel modules: importing those pulls in torch, and `symdiff
+# data`/`submit` validate configs without it. tests/test_config.py checks the lists against the modules.
+DATASETS = ("qm9", "geom")
+MODEL_KINDS = ("dit", "dit_aug", "symdiff_haar", "symdiff")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+LINEAR_BACKENDS = ("auto", "onednn", "aten")
+PRECISIONS = ("auto", "bf16", "fp32")
+PARAMETERIZATIONS = ("eps", "score", "flow")
+
+RULES: dict[str, tuple[Check, str]] = {
+    "data.dataset": _one_of(*DATASETS),
+    "data.batch_size": _int_at_least(1),
+    "data.max_atoms_per_batch": _int_at_least(0),
+    "data.n_buckets": _int_at_least(1),
+    "data.chunk_size": _int_at_least(1),
+    "data.window_chunks": _int_at_least(1),
+    "data.seed": _int_at_least(0),
+    "data.verify": _one_of("full", "size", "off"),
+    "model.kind": _one_of(*MODEL_KINDS),
+    "model.hidden_size": _int_at_least(1),
+    "model.depth": _int_at_least(1),
+    "model.num_heads": _int_at_least(1),
+    "model.mlp_ratio": _positive(),
+    "model.xh_hidden_size": _int_at_least(1),
+    "model.num_gaussians": _int_at_least(1),
+    "model.gamma_hidden_size": _int_at_least(1),
+    "model.gamma_depth": _int_at_least(1),
+    "model.gamma_num_heads": _int_at_least(1),
+    "model.gamma_mlp_ratio": _positive(),
+    "model.gamma_dec_hidden": _int_at_least(1),
+    "model.gamma_noise_dims": _int_at_least(1),
+    "model.kernel_backend": _one_of(*KERNEL_BACKENDS),
+    "model.linear_backend": _one_of(*LINEAR_BACKENDS),
+    "diffusion.timesteps": _int_at_least(1),
+    "diffusion.schedule": _matches(r"polynomial_\d+(\.\d+)?", "polynomial_<power>, e.g. polynomial_2"),
+    "diffusion.precision": _open_interval(0.0, 0.5),
+    "diffusion.normalize_factors": ((lambda v: len(v) == 3 and all(_finite(x) and x > 0 for x in v)),
+                                    "exactly 3 finite numbers > 0 (positions, categories, charges)"),
+    "diffusion.parameterization": _one_of(*PARAMETERIZATIONS),
+    "train.max_steps": _int_at_least(1),
+    "train.lr": _positive(),
+    "train.warmup_steps": _int_at_least(0),
+    "train.weight_decay": _non_negative(),
+    "train.clip_grad_norm": _positive(),
+    "train.ema_decay": ((lambda v: _finite(v) and 0 <= v < 1), "a number in [0, 1)"),
+    "train.seed": _int_at_least(0),
+    "train.zero_stage": _one_of(0, 1, 2, 3),
+    "train.precision": _one_of(*PRECISIONS),
+    "train.log_every": _int_at_least(1),
+    "train.ckpt_every": _int_at_least(1),
+    "train.keep_last": _int_at_least(0),
+    "train.max_nonfinite_in_a_row": _int_at_least(0),
+    "train.eval_every": _int_at_least(0),
+    "train.eval_samples": _int_at_least(1),
+    "train.grad_shards": _int_at_least(0),
+    "sample.n_samples": _int_at_least(1),
+    "sample.batch_size": _int_at_least(1),
+    "sample.steps": _int_at_least(1),
+    "sample.seed": _int_at_least(0),
+}
+
+
+def _cross_checks(d: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """Rules between keys: (the keys involved, the problem) for each one broken."""
+    out = []
+    steps, T = d["sample"]["steps"], d["diffusion"]["timesteps"]
+    if steps > T:
+        out.append((("sample.steps", "diffusion.timesteps"),
+                    f"sample.steps {steps} exceeds diffusion.timesteps {T}: set sample.steps <= {T} "
+                    "(a sampler takes at most T steps)"))
+    return out
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def _resolve_interpolations(cfg: DictConfig, origin: dict[str, str], default_source: str) -> None:
+    """Resolve ``${...}`` in place once, so a bad one is reported here (by key and source), not where read."""
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        key = str(getattr(exc, "full_key", "") or "")
+        raise _explain(exc, origin.get(key, default_source)) from None
+
+
+def validate(cfg: DictConfig, origin: Optional[dict[str, str]] = None, default_source: str = "config") -> None:
+    """Raise :class:`ConfigError` for the first value outside its range, naming the key and where it was set.
+
+    ``origin`` maps dotted keys to the file or override that set them last (keys left at the schema default are
+    reported against ``default_source``).
+    """
+    origin = origin or {}
+    _resolve_interpolations(cfg, origin, default_source)
+    d = OmegaConf.to_container(cfg, resolve=True)
+    for key, (check, expected) in RULES.items():
+        value = _get(d, key)
+        if not check(value):
+            raise ConfigError(f"{origin.get(key, default_source)}: key '{key}': expected {expected}, got {value!r}")
+    for keys, problem in _cross_checks(d):
+        source = next((origin[k] for k in keys if k in origin), default_source)
+        raise ConfigError(f"{source}: {problem}")
+
+
+# ----------------------------------------------------------------------------------------------------- loading
+SECTIONS = ("data", "model", "diffusion", "train", "sample")
+
+
+def _check_sections(raw: DictConfig, source: str) -> None:
+    """A section given as a scalar or list (``data: 5``): OmegaConf's merge error would not name the key."""
+    plain = OmegaConf.to_container(raw, resolve=False)
+    for key in SECTIONS:
+        if key in plain and not isinstance(plain[key], dict):
+            raise ConfigError(f"{source}: key '{key}': expected a section (a mapping of keys), got {plain[key]!r}")
+
+
+def _dotted_keys(raw: DictConfig) -> list[str]:
+    """The leaf keys a file or override sets, dotted (``train.lr``), without resolving interpolations."""
+    def walk(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict):
+            return [k for key, value in node.items() for k in walk(value, f"{prefix}{key}.")]
+        return [prefix[:-1]]
+    return walk(OmegaConf.to_container(raw, resolve=False), "")
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """One line from a YAML parser error: where, then what."""
+    import yaml
+
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = " ".join(x for x in (exc.problem, exc.context) if x)
+        return f"{where}{what}"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _yaml_kind(data: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(data),
+                                                                                          type(data).__name__)
+
+
+def _read_layer(path: Path) -> DictConfig:
+    """One config file as a mapping; every way a file can fail to be one is a one-line ConfigError."""
+    import yaml
+
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)  # the shape only: OmegaConf.load below reads the values
+        # OmegaConf's own (safe) loader: it reads 1e-5 as a float, where plain PyYAML gives a string.
+        raw = OmegaConf.load(io.StringIO(text)) if isinstance(data, dict) else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: cannot parse YAML: {_yaml_problem(exc)}") from None
+    except (OmegaConfBaseException, ValueError) as exc:
+        raise ConfigError(f"{path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if data is None:  # an empty file (or only comments) sets nothing
+        return OmegaConf.create({})
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: top level is a {_yaml_kind(data)}, expected a mapping of sections "
+                          "(data:, model:, ...)")
+    return raw
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Load a YAML config over the schema defaults and apply dotted overrides (``train.lr=2e-4``).
 
     A file may name another as ``base: other.yaml`` (relative to itself); its values are applied first.
-    Unknown keys and wrongly typed values raise :class:`ConfigError` naming the key and the file.
+    Unknown keys, wrongly typed values and values out of range (:data:`RULES`) raise :class:`ConfigError` naming
+    the key and the file or override that set it.
     """
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
+    origin: dict[str, str] = {}
     if path is not None:
-        for layer in _file_chain(Path(path)):
-            try:
-                raw = OmegaConf.load(layer)
-            except Exception as exc:  # yaml syntax errors
-                raise ConfigError(f"{layer}: cannot parse YAML: {exc}") from exc
+        for layer, raw in _file_chain(Path(path)):
             if "base" in raw:
                 raw.pop("base")
-            anchor_layer(raw, layer.parent)  # a relative data.root is relative to the file that sets it
+            _check_sections(raw, str(layer))
             try:
+                anchor_layer(raw, layer.parent)  # a relative data.root is relative to the file that sets it
                 cfg = OmegaConf.merge(cfg, raw)
             except OmegaConfBaseException as exc:
                 raise _explain(exc, str(layer)) from exc
+            origin.update({k: str(layer) for k in _dotted_keys(raw)})
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"command line: override '{item}' is not of the form key.sub=value")
+        label = f"command-line override '{item}'"
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            raw = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as exc:
-            raise _explain(exc, f"command-line override '{item}'") from exc
+            raise _explain(exc, label) from exc
+        except Exception as exc:  # yaml errors in the value part, e.g. train.lr=[1
+            raise ConfigError(f"{label}: cannot parse the value: {_yaml_problem(exc)}") from None
+        _check_sections(raw, label)
+        try:
+            cfg = OmegaConf.merge(cfg, raw)
+        except OmegaConfBaseException as exc:
+            raise _explain(exc, label) from exc
+        origin.update({k: label for k in _dotted_keys(raw)})
+    source = str(path) if path is not None else "config"
+    _resolve_interpolations(cfg, origin, source)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"{path or 'config'}: required keys not set: {', '.join(missing)}")
+        raise ConfigError(f"{source}: required keys not set: {', '.join(missing)}")
+    validate(cfg, origin, source)
     resolve_config(cfg, Path.cwd())  # bundled:NAME -> its built cache dir; a relative override -> from the cwd
     return cfg
 
 
-def _file_chain(path: Path) -> list[Path]:
+def _file_chain(path: Path) -> list[tuple[Path, DictConfig]]:
+    """The files of a ``base:`` chain, base first, each with its parsed contents."""
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    chain = [path]
+        raise ConfigError(f"{path}: config file not found" if not path.exists() else f"{path}: not a file")
+    chain = [(path, _read_layer(path))]
     seen = {path.resolve()}
     while True:
-        raw = OmegaConf.load(chain[0])
-        base = raw.get("base") if isinstance(raw, DictConfig) else None
-        if not base:
+        here, raw = chain[0]
+        base = raw.get("base")
+        if base is None or base == "":
             return chain
-        nxt = (chain[0].parent / str(base)).resolve()
+        if not isinstance(base, str):
+            raise ConfigError(f"{here}: key 'base': expected a file name, got {base!r}")
+        nxt = (here.parent / base).resolve()
         if nxt in seen:
-            raise ConfigError(f"{chain[0]}: circular 'base' reference to {nxt}")
+            raise ConfigError(f"{here}: circular 'base' reference to {nxt}")
         if not nxt.is_file():
-            raise ConfigError(f"{chain[0]}: base config {nxt} not found")
+            raise ConfigError(f"{here}: base config {nxt} not found")
         seen.add(nxt)
-        chain.insert(0, nxt)
+        chain.insert(0, (nxt, _read_layer(nxt)))
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:
@@ -205,12 +429,17 @@ def config_hash(cfg: DictConfig, sections: Sequence[str] = ("model", "diffusion"
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def from_dict(d: dict[str, Any]) -> DictConfig:
+def from_dict(d: dict[str, Any], source: str = "stored config") -> DictConfig:
+    """A config stored as a plain dict (a run's config.yaml, a checkpoint's), checked like a file: ``source``
+    names it in errors."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of config sections, got {type(d).__name__}")
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     try:
         cfg = OmegaConf.merge(cfg, d)
     except OmegaConfBaseException as exc:
-        raise _explain(exc, "stored config") from exc
+        raise _explain(exc, source) from exc
+    validate(cfg, default_source=source)
     resolve_config(cfg, Path.cwd())
     return cfg
