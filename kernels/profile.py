@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from symdiff.errors import UserError
+from symdiff.outputs import add_overwrite_flag, check_output_file, write_text_atomic
 
 KERNELS = ("gaussian", "com", "qr")
 # name -> (batch B, atoms N). qm9 / geom are the training shapes (SPEC: QM9 <= 29 atoms, GEOM-Drugs <= 181);
@@ -47,6 +48,7 @@ CPU_TRITON_SKIP = ("Triton kernels need a GPU; on CPU they only run under TRITON
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="also write all numbers to this JSON file")
+    add_overwrite_flag(p)
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list of {', '.join(KERNELS)} (default all)")
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                    help="comma list of " + ", ".join(f"{k} (B={b}, N={n})" for k, (b, n) in SHAPES.items())
@@ -285,6 +287,8 @@ def _device(choice: str) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.json:  # before minutes of timing, not after
+        check_output_file(args.json, "--json", args.overwrite)
     kernels = _parse_list(args.kernels, KERNELS, "kernels")
     shapes = _parse_list(args.shapes, tuple(SHAPES), "shapes")
     for name in ("batch", "atoms"):
@@ -410,17 +414,4 @@ def _triton_version() -> str | None:
 
 def _write_json(path: Path, report: dict[str, Any]) -> None:
     """Temp file + rename: an interrupted run never leaves a half-written JSON over a good one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(report, fh, indent=1)
-            fh.write("\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a results file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(report, indent=1) + "\n", "--json")

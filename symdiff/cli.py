@@ -6,8 +6,14 @@ does not exist yet answers "not yet available" with exit code 2 rather than pret
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+from symdiff.errors import UserError
 
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -34,6 +40,11 @@ def _load(module: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # Ctrl-C while torch is still importing is as much the user's as one during the work.
+    return run_guarded(argv[0] if argv else "", lambda: _dispatch(argv))
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="symdiff", description="SymDiff-HPC command line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
@@ -56,12 +67,63 @@ def main(argv: list[str] | None = None) -> int:
     if mod is None:
         print(f"symdiff {args.command}: not yet available in this version", file=sys.stderr)
         return 2
-    from symdiff.errors import UserError
+    return int(mod.run(args) or 0)
 
+
+# Errors of the machine or of a path the user gave, not of our code: a full disk, a read-only or missing folder.
+USER_OS_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EISDIR,
+                            errno.ENOTDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.EFBIG,
+                            errno.ELOOP})
+
+
+# Files of the installed package itself: one of them missing or unreadable is our bug, not the user's path.
+PACKAGE_DIRS = tuple(Path(__file__).resolve().parent.parent / d for d in ("symdiff", "kernels"))
+
+
+def _inside_package(filename: object) -> bool:
+    if not isinstance(filename, (str, os.PathLike)):
+        return False
+    path = Path(os.path.abspath(filename))
+    return any(path.is_relative_to(d) for d in PACKAGE_DIRS)
+
+
+def _os_error_line(exc: OSError) -> str:
+    names = [str(f) for f in (exc.filename, exc.filename2) if f is not None]
+    what = exc.strerror or str(exc)
+    return f"{' -> '.join(names)}: {what}" if names else what
+
+
+def run_guarded(command: str, work: Callable[[], Optional[int]]) -> int:
+    """The CLI's error boundary: run one subcommand and turn what is the user's doing into one line and an exit
+    code. UserError (bad input, named by the code that found it) -> 1; Ctrl-C -> 130; an OSError of the kinds in
+    USER_OS_ERRNOS (full disk, permissions, missing or wrong-kind paths) -> 1, naming the file; out of memory -> 1.
+    Anything else is a bug of ours and keeps its traceback."""
+    prefix = f"symdiff {command}" if command in SUBCOMMANDS else "symdiff"
     try:
-        return int(mod.run(args) or 0)
+        return int(work() or 0)
     except UserError as exc:
-        print(f"symdiff {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{prefix}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `symdiff eval ... | head`: the reader left. Point stdout at /dev/null so the exit flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:
+        if exc.errno not in USER_OS_ERRNOS or _inside_package(exc.filename):
+            raise
+        print(f"{prefix}: error: {_os_error_line(exc)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"{prefix}: error: out of memory (try a smaller --batch-size or --n)", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        # torch.cuda.OutOfMemoryError, matched by name so the CLI does not import torch for every command
+        if type(exc).__name__ != "OutOfMemoryError":
+            raise
+        print(f"{prefix}: error: {str(exc).splitlines()[0]} (try a smaller --batch-size)", file=sys.stderr)
         return 1
 
 

@@ -163,3 +163,102 @@ def test_rdkit_written_sdf_with_aromatic_bonds_and_charges(tmp_path):
     assert r["bond_sources"] == {"file": 2, "3d": 1}
     # 6 aromatic bonds read from the pyridine record, 6 perceived by RDKit in the phenol assigned from 3D
     assert r["n_aromatic_bonds"] == 12
+
+
+# ------------------------------------------------------------------------------------- outputs checked first (#12)
+import errno  # noqa: E402
+
+import symdiff.eval.metrics as metrics_module  # noqa: E402
+
+
+def _forbid_metrics(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("metrics were computed although the output path was bad")
+    monkeypatch.setattr(metrics_module, "evaluate_edm_protocol", refuse)
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bad_json_and_report_paths_are_refused_before_the_metrics(tmp_path, monkeypatch, capsys):
+    path = tmp_path / "s.npz"
+    write_npz(path, _bundled_test_split(5))
+    old = tmp_path / "old.json"
+    old.write_text('{"earlier": 1}\n')
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    full = tmp_path / "full_report"
+    full.mkdir()
+    (full / "report.md").write_text("earlier report")
+    (tmp_path / "dir.json").mkdir()
+    _forbid_metrics(monkeypatch)
+    base = ["eval", "--samples", str(path), "--dataset", "qm9", "--no-novelty"]
+    cases = [(["--json", str(old)], "already exists; pass --overwrite to replace it"),
+             (["--json", str(tmp_path / "dir.json")], "is a directory"),
+             (["--json", str(tmp_path / "no" / "m.json")], "does not exist"),
+             (["--report", str(a_file)], "exists and is not a directory"),
+             (["--report", str(full)], "directory is not empty; pass --overwrite"),
+             (["--report", str(tmp_path / "no" / "rep")], "does not exist")]
+    for extra, expected in cases:
+        assert main([*base, *extra]) == 1
+        assert expected in _err_line(capsys)
+    assert old.read_text() == '{"earlier": 1}\n' and (full / "report.md").read_text() == "earlier report"
+
+
+def test_overwrite_replaces_json_and_report(tmp_path):
+    path = tmp_path / "s.npz"
+    write_npz(path, _bundled_test_split(20))
+    out, rep = tmp_path / "m.json", tmp_path / "rep"
+    out.write_text("{}")
+    rep.mkdir()
+    (rep / "report.md").write_text("earlier report")
+    (rep / "notes.txt").write_text("mine")
+    assert main(["eval", "--samples", str(path), "--dataset", "qm9", "--no-novelty", "--json", str(out),
+                 "--report", str(rep), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["n_molecules"] == 20
+    assert "atom stability" in (rep / "report.md").read_text()
+    assert (rep / "notes.txt").read_text() == "mine"  # files the report does not write are left alone
+
+
+def test_report_file_is_replaced_atomically(tmp_path, monkeypatch, capsys):
+    """A disk that fills while a figure is written: the earlier figure stays whole, no temporary is left."""
+    from matplotlib.figure import Figure
+
+    path = tmp_path / "s.npz"
+    write_npz(path, _bundled_test_split(10))
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    (rep / "atom_counts.png").write_bytes(b"earlier figure")
+
+    def savefig_then_full(self, target, **kw):
+        if hasattr(target, "write"):
+            target.write(b"\x89PNG half")
+        else:
+            with open(target, "wb") as fh:
+                fh.write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Figure, "savefig", savefig_then_full)
+    assert main(["eval", "--samples", str(path), "--dataset", "qm9", "--no-novelty", "--report", str(rep),
+                 "--overwrite"]) == 1
+    assert "atom_counts.png: cannot write: No space left on device" in _err_line(capsys)
+    assert (rep / "atom_counts.png").read_bytes() == b"earlier figure"
+    assert sorted(p.name for p in rep.iterdir()) == ["atom_counts.png"]
+
+
+def test_nll_device_is_checked_before_loading(tmp_path, monkeypatch, capsys):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"not read")
+    for device, expected in (("cuda", "--device cuda: no CUDA device"), ("gpu", "--device gpu: unknown device")):
+        assert main(["eval", "--nll", str(ckpt), "--dataset", "qm9", "--device", device]) == 1
+        assert expected in _err_line(capsys)
+    old = tmp_path / "nll.json"
+    old.write_text("{}")
+    assert main(["eval", "--nll", str(ckpt), "--dataset", "qm9", "--json", str(old)]) == 1
+    assert "already exists" in _err_line(capsys)

@@ -12,6 +12,7 @@ from symdiff.cli import main
 
 def test_profile_cpu_table_and_json(tmp_path, capsys):
     out = tmp_path / "prof" / "kernels.json"
+    out.parent.mkdir()  # an output's folder must exist (symdiff.outputs)
     rc = main(["profile", "--kernels", "com,qr", "--shapes", "qm9", "--batch", "4", "--min-run-time", "0.01",
                "--device", "cpu", "--json", str(out)])
     assert rc == 0

@@ -6,7 +6,9 @@ import json
 import time
 from pathlib import Path
 
+from symdiff.devices import DEVICE_HELP, resolve_device
 from symdiff.errors import UserError
+from symdiff.outputs import add_overwrite_flag, check_output_dir, check_output_file, write_text_atomic
 
 ROWS = [("n_molecules", "molecules", "d"), ("atom_stability", "atom stability", "%"),
         ("mol_stability", "molecule stability", "%"), ("validity", "validity", "%"),
@@ -29,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", metavar="DIR", help="shard directory for --reference-split and novelty")
     p.add_argument("--json", metavar="OUT", help="write the metrics as JSON")
     p.add_argument("--report", metavar="DIR", help="write a report: PNG grid, histograms, markdown summary")
+    add_overwrite_flag(p)
     p.add_argument("--no-novelty", action="store_true", help="skip novelty (no training SMILES needed)")
     p.add_argument("--bonds", choices=["auto", "3d"], default="auto",
                    help="revised protocol: 'auto' uses the file's bonds where it has them, '3d' always "
@@ -36,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", metavar="NAME", help="--nll: the split (default: the config's test split)")
     p.add_argument("--passes", type=int, default=1, help="--nll: passes over the split (paper: QM9 5, GEOM 1)")
     p.add_argument("--batch-size", type=int, help="--nll: molecules per batch (default: the config's)")
-    p.add_argument("--device", default="cpu", help="--nll: torch device")
+    p.add_argument("--device", default="cpu", help=f"--nll: torch device, {DEVICE_HELP}")
     p.add_argument("--seed", type=int, default=0, help="--nll: seed of torch's RNG")
     p.add_argument("--valency-table", metavar="JSON", help="revised protocol: a valency table other than the "
                    "shipped one (see symdiff.eval.valency)")
@@ -70,10 +73,25 @@ def _load_input(args: argparse.Namespace) -> tuple:
     return ref.mols, ref.bonds, ref.description
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """--json and --report are checked before any metric is computed: a bad path found afterwards loses the work."""
+    from symdiff.eval.report import REPORT_FILES
+
+    if args.json:
+        check_output_file(args.json, "--json", args.overwrite)
+    if args.report:
+        if args.nll:
+            raise UserError("--report: not available with --nll (use --json)")
+        check_output_dir(args.report, "--report", args.overwrite)
+    if args.json and args.report and Path(args.json).resolve().parent == Path(args.report).resolve() \
+            and Path(args.json).name in REPORT_FILES:
+        raise UserError(f"--json {args.json}: the report writes a file of the same name into --report")
+
+
 def run(args: argparse.Namespace) -> int:
     from symdiff.eval import metrics, reference
-    from symdiff.io.molfiles import _atomic_write_text
 
+    _check_outputs(args)
     if args.nll:
         return _run_nll(args)
     t0 = time.perf_counter()
@@ -116,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  note ({r['protocol']}): {note}")
     print(f"RDKit {metrics.rdkit_version()}, {elapsed:.2f} s")
     if args.json:
-        _atomic_write_text(args.json, json.dumps(out, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(out, indent=2) + "\n", "--json")
     if args.report:
         from symdiff.eval.report import write_report
 
@@ -128,13 +146,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_nll(args: argparse.Namespace) -> int:
     from symdiff.eval.nll import run_split_nll
-    from symdiff.io.molfiles import _atomic_write_text
 
     if args.passes < 1:
         raise UserError(f"--passes {args.passes}: must be at least 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    device = resolve_device(args.device)
     if not Path(args.nll).exists():
         raise UserError(f"--nll {args.nll}: no such file or directory")
-    res = run_split_nll(args.nll, args.data_root, args.split, args.passes, args.batch_size, args.device,
+    res = run_split_nll(args.nll, args.data_root, args.split, args.passes, args.batch_size, str(device),
                         seed=args.seed)
     out = {"protocol": "nll", "dataset": args.dataset, **res}
     spread = "" if res["nll_std_over_passes"] is None else f" (std over passes {res['nll_std_over_passes']:.3f})"
@@ -142,5 +162,5 @@ def _run_nll(args: argparse.Namespace) -> int:
           f"{res['nll']:.3f} nats per molecule{spread}, {res['n_molecules']} molecules, {res['passes']} pass(es), "
           f"{res['weights']} weights, {res['seconds']:.1f} s")
     if args.json:
-        _atomic_write_text(args.json, json.dumps(out, indent=2) + "\n")
+        write_text_atomic(args.json, json.dumps(out, indent=2) + "\n", "--json")
     return 0

@@ -8,7 +8,10 @@ from typing import Optional
 import numpy as np
 
 from symdiff.data.molecules import MoleculeSet
+from symdiff.outputs import write_atomic, write_text_atomic
 
+# Every file a report writes; each goes through a temporary name, so an interrupted report leaves whole files.
+REPORT_FILES = ("atom_counts.png", "bond_lengths.png", "molecules.png", "report.md", "metrics.json")
 GRID_MOLECULES = 16
 REFERENCE_BOND_SAMPLE = 2000
 ORDER_NAMES = {1: "single", 2: "double", 3: "triple", 4: "aromatic"}
@@ -72,8 +75,17 @@ def _grid(smiles: list[str], path: Path) -> bool:
     if not mols:
         return False
     img = Draw.MolsToGridImage(mols, molsPerRow=4, subImgSize=(250, 250), legends=[f"#{i}" for i in range(len(mols))])
-    img.save(str(path))
+    write_atomic(path, lambda fh: img.save(fh, format="PNG"), "--report")
     return True
+
+
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    try:
+        write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=120), "--report")
+    finally:
+        plt.close(fig)
 
 
 def write_report(out: Path, mols: MoleculeSet, results: dict[str, dict], dataset: str, description: str) -> None:
@@ -101,8 +113,7 @@ def write_report(out: Path, mols: MoleculeSet, results: dict[str, dict], dataset
     ax.set_ylabel("fraction")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "atom_counts.png", dpi=120)
-    plt.close(fig)
+    _save_figure(fig, out / "atom_counts.png")
 
     # bond lengths by order (bonds of the primary protocol: distance rule for EDM, assigned bonds for revised)
     primary = next(iter(results.values()))
@@ -137,8 +148,7 @@ def write_report(out: Path, mols: MoleculeSet, results: dict[str, dict], dataset
         ax.set_xlabel("length (Å)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "bond_lengths.png", dpi=120)
-    plt.close(fig)
+    _save_figure(fig, out / "bond_lengths.png")
 
     # molecule pictures: valid molecules drawn from their SMILES (revised graphs show real bond orders)
     pick = results.get("revised") or primary
@@ -161,8 +171,9 @@ def write_report(out: Path, mols: MoleculeSet, results: dict[str, dict], dataset
                   "![molecules](molecules.png)", ""]
     else:
         lines += ["No valid molecule to draw.", ""]
-    (out / "report.md").write_text("\n".join(lines))
-    (out / "metrics.json").write_text(json.dumps({k: public(v) for k, v in results.items()}, indent=2) + "\n")
+    write_text_atomic(out / "report.md", "\n".join(lines), "--report")
+    write_text_atomic(out / "metrics.json", json.dumps({k: public(v) for k, v in results.items()}, indent=2) + "\n",
+                      "--report")
 
 
-__all__ = ["write_report"]
+__all__ = ["REPORT_FILES", "write_report"]

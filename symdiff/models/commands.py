@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
-from pathlib import Path
+
+from symdiff.outputs import add_overwrite_flag, check_output_file, write_text_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="experiment YAML (configs/NAME.yaml)")
     parser.add_argument("--json", dest="json_out", default=None, help="also write the counts as JSON here")
+    add_overwrite_flag(parser)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.depth=6")
 
 
@@ -18,6 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from symdiff.config import ConfigError, load_config
     from symdiff.models import build_model, count_params
 
+    if args.json_out:
+        check_output_file(args.json_out, "--json", args.overwrite)
     try:
         cfg = load_config(args.config, list(args.overrides))
     except ConfigError as exc:
@@ -36,10 +38,6 @@ def run(args: argparse.Namespace) -> int:
         if model.gamma_net is not None else "(no learned gamma for this kind)"))
     print(f"total      {params['total']:>13,d}")
     if args.json_out:
-        out = Path(args.json_out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"config": str(args.config), "kind": str(m.kind), "params": params}, f, indent=2)
-        os.replace(tmp, out)
+        write_text_atomic(args.json_out, json.dumps({"config": str(args.config), "kind": str(m.kind),
+                                                     "params": params}, indent=2), "--json")
     return 0
