@@ -88,6 +88,15 @@ def test_corrupt_npz_member_is_one_line(tmp_path, capsys, arrays):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "src.npz"]  # no temp directory left
 
 
+@pytest.mark.parametrize("content", [b"", b"atomic_numbers,positions\n6,0.0\n"])
+def test_a_file_that_is_not_an_npz_is_named_as_such(tmp_path, capsys, content):
+    # before: numpy fell back to unpickling and the message spoke of pickled data or "no data left"
+    src = tmp_path / "qm9.npz"
+    src.write_bytes(content)
+    line = fails(capsys, *_build(src, tmp_path / "out"))
+    assert f"{src}: not an .npz file" in line
+
+
 @pytest.mark.parametrize("what,edit,expect", [
     ("positions not a multiple of 3", lambda a: {"positions": a["positions"].reshape(-1)[:-1]},
      r"array 'positions' has shape \(\d+,\), expected \(\d+, 3\)"),

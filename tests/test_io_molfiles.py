@@ -227,3 +227,9 @@ def test_damaged_npz_sample_file_is_one_line(tmp_path, capsys):
     p.write_bytes(bytes(raw))
     line = _eval_fails(capsys, p)
     assert "array 'positions' is unreadable" in line
+
+
+def test_a_directory_given_as_samples_is_not_called_missing(tmp_path, capsys):
+    d = tmp_path / "samples.sdf"
+    d.mkdir()
+    assert _eval_fails(capsys, d).endswith(f"{d}: not a file")

@@ -68,7 +68,7 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
         except DataError as exc:
             err = str(exc)
         except OSError as exc:
-            err = _os_error(exc, tmp)
+            err = f"{out}: cannot create the build directory beside it: {_reason(exc)}"
     if comm is not None:
         err, tmp = comm.bcast((err, tmp), root=0)
     if err:

@@ -44,12 +44,12 @@ def check_replaceable(out: Path, *, overwrite: bool) -> None:
     out = Path(out)
     if not (out.exists() or out.is_symlink()):
         return
-    if not overwrite:
-        raise DataError(f"{out}: already exists; pass --overwrite to replace it")
     ok, why = is_dataset(out)
     if not ok:
-        raise DataError(f"{out}: not a symdiff dataset ({why}); --overwrite replaces only a dataset, so remove "
-                        "it yourself if it is meant to go")
+        raise DataError(f"{out}: exists and is not a symdiff dataset ({why}); --overwrite replaces only a dataset, "
+                        "so choose another --out or remove it yourself")
+    if not overwrite:
+        raise DataError(f"{out}: already exists; pass --overwrite to replace it")
 
 
 def publish(tmp: Path, out: Path, *, overwrite: bool) -> None:

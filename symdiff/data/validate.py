@@ -24,9 +24,12 @@ def open_npz(path: Path) -> Any:
     """``np.load`` of an .npz without pickle; a file that is not a readable zip raises DataError."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
+        raise DataError(f"{path}: " + ("not a file" if path.exists() else "no such file"))
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # numpy would try to unpickle anything else
         raise DataError(f"{path}: not an .npz file (no zip signature; empty or another format?)")
     try:

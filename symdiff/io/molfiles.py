@@ -214,7 +214,7 @@ class MoleculeRecords:
 
 def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise DataError(f"{path}: no such file")
+        raise DataError(f"{path}: " + ("not a file" if path.exists() else "no such file"))
     try:
         text = path.read_text(encoding="utf-8", errors="strict")
     except UnicodeDecodeError as exc:
@@ -427,9 +427,8 @@ def _xyz_charges(field: str, n: int, where: str) -> list[int]:
     bad = [v for v in vals if not _is_int(v) or not -15 <= int(v) <= 15]
     if bad or len(vals) != n:
         what = (f"'{bad[0]}' is not a formal charge (an integer in -15..15)" if bad
-                else f"{len(vals)} values for {n} atoms")
-        raise DataError(f"{where}: malformed formal_charges={field[:60]!r}: {what} "
-                        "(expected one comma-separated integer per atom)")
+                else f"{len(vals)} values for {n} atoms (expected one comma-separated integer per atom)")
+        raise DataError(f"{where}: malformed formal_charges={field[:60]!r}: {what}")
     return [int(v) for v in vals]
 
 
