@@ -119,6 +119,22 @@ def test_inconsistent_npz_arrays_are_one_line(tmp_path, capsys, arrays, what, ed
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("edit,expect", [
+    (lambda g: {"conf_offsets": np.r_[g["conf_offsets"][:-1], g["conf_offsets"][-1] + 9]},
+     "array 'conf_offsets' runs 0..1155, expected 0..1146"),
+    (lambda g: {"conf_mol_index": g["conf_mol_index"] + 5}, "array 'conf_mol_index' refers to molecule 7"),
+    (lambda g: {"positions": g["positions"][:, :2]}, "array 'positions' has shape (1146, 2)"),
+])
+def test_inconsistent_geom_npz_is_one_line(tmp_path, capsys, edit, expect):
+    from symdiff.data.bundled import geom_sample_path
+
+    g = dict(np.load(geom_sample_path()))
+    src = tmp_path / "geom.npz"
+    np.savez(src, **{**g, **edit(g)})
+    line = fails(capsys, *_geom(src, tmp_path / "out"))
+    assert str(src) in line and expect in line
+
+
 def _xyz_dir(tmp_path: Path, arrays: dict, n: int = 5) -> Path:
     d = tmp_path / "xyz"
     d.mkdir()
