@@ -153,6 +153,116 @@ def test_nll_terms_of_an_untrained_model():
     torch.testing.assert_close(nll, parts)
 
 
+def gamma_table(T: int, precision: float = 1e-5) -> torch.Tensor:
+    """gamma(t) = log(sigma^2 / alpha^2) for t = 0..T, straight from SPEC §2.2 (independent of the product)."""
+    u = np.arange(T + 1) / T
+    abar2 = np.concatenate([[1.0], (1 - u ** 2) ** 2])
+    a2 = np.cumprod(np.clip(abar2[1:] / abar2[:-1], 0.001, 1.0)) * (1 - 2 * precision) + precision
+    return torch.from_numpy(np.log((1 - a2) / a2))
+
+
+def gaussian_molecules(sizes, t_per_size: torch.Tensor, s: float):
+    """For each size and each t in ``t_per_size``, one molecule with x ~ N(0, s^2 I) on the CoM-free subspace."""
+    n = torch.tensor(sizes).repeat_interleave(len(t_per_size))
+    B, N = len(n), max(sizes)
+    mask = torch.arange(N)[None] < n[:, None]
+    x = torch.randn(B, N, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * s * mask[..., None]
+    x = (x - x.sum(1, keepdim=True) / n.view(-1, 1, 1)) * mask[..., None]
+    Z = torch.tensor([6, 1, 8, 1, 7, 9])[:N].expand(B, N) * mask
+    batch = SimpleNamespace(positions=x + 2.0, atomic_numbers=Z, mask=mask, formal_charges=None,
+                            mol_ids=torch.arange(B), n_atoms=n)
+    return batch, x, n, t_per_size.repeat(len(sizes))
+
+
+@pytest.mark.parametrize("T", [20, 1000])
+def test_nll_terms_match_closed_forms_for_gaussian_data(T):
+    """Gaussian data and the exact denoiser: every NLL term against a closed form computed here (SPEC §2.4).
+
+    x ~ N(0, s^2 I) on the D = 3(N - 1) dimensional CoM-free subspace, h fixed. Per subspace dimension,
+    z_t = alpha_t x + sigma_t e, so the Bayes-optimal eps-prediction is E[e | z_t] = sigma_t z_t / v_t with
+    v_t = alpha_t^2 s^2 + sigma_t^2; for the fixed h it is (z_h - alpha_t h) / sigma_t, exact. Given x, the
+    error e - c z_t = (1 - c sigma_t) e - c alpha_t x is Gaussian, so |.|^2 is a non-central chi^2 with known
+    mean and variance: the random terms are checked by z-scores with that exact variance. The total is
+    checked against the data entropy plus the KL between the forward and the model's reverse chains, all
+    Gaussian: E_x[-ELBO] = H(x) + KL(q(z_T) | N(0, 1)) + sum_t KL(q(z_s | z_t) | p(z_s | z_t))
+    + KL(q(x | z_0) | p(x | z_0)), which uses none of the NLL's own weights or constants.
+    """
+    s, sizes = 1.5, (3, 6)
+    torch.manual_seed(0)
+    model = model_of("dit", extra=[f"diffusion.timesteps={T}", f"sample.steps={T}"]).double()
+    gam = gamma_table(T)
+    torch.testing.assert_close(model.schedule.table, gam, atol=1e-12, rtol=0)
+    a2, s2 = torch.sigmoid(-gam), torch.sigmoid(gam)
+    v = a2 * s ** 2 + s2
+    ts = torch.arange(1, T + 1)
+    # Most molecules where the diffusion term varies most (Neyman allocation over t), at least one per t.
+    spread = torch.expm1(gam[ts] - gam[ts - 1]) * a2[ts] * s ** 2 / v[ts]
+    reps = torch.clamp(torch.round(2000 * spread / spread.sum()), min=1).long()
+    batch, x, n, t_int = gaussian_molecules(sizes, torch.repeat_interleave(ts, reps), s)
+    _, h, mask, _, _ = model.features(batch)
+
+    def exact_denoiser(z, mask_, t, **_):
+        ti = torch.round(t * T).long()
+        a, sg = a2[ti].sqrt().view(-1, 1, 1), s2[ti].sqrt().view(-1, 1, 1)
+        return torch.cat([sg * z[..., :3] / v[ti].view(-1, 1, 1), (z[..., 3:] - a * h) / sg], -1) * mask_[..., None]
+
+    model.denoise = exact_denoiser
+    with torch.no_grad():
+        total, terms = model.nll(batch, t_int=t_int, return_terms=True, generator=torch.Generator().manual_seed(2))
+    D = 3.0 * (n - 1).double()
+    x2 = (x ** 2).sum((1, 2))
+
+    def err_mean_var(ti):
+        """Mean and variance of |e - c z_t|^2 over e, given x (non-central chi^2 with D dof)."""
+        c = s2[ti].sqrt() / v[ti]
+        k, lam = (1 - c * s2[ti].sqrt()) ** 2, c ** 2 * a2[ti] * x2
+        return D * k + lam, 2 * D * k ** 2 + 4 * k * lam
+
+    # (a) KL(N(alpha_T x, sigma_T^2) | N(0, 1)) on D dims for x and on d = 6 dims per atom for h: deterministic.
+    kl_h = 0.5 * (6 * n * (s2[T] - 1 - torch.log(s2[T])) + a2[T] * (h ** 2).sum((1, 2)))
+    kl_x = 0.5 * (D * (s2[T] - 1 - torch.log(s2[T])) + a2[T] * x2)
+    torch.testing.assert_close(terms["kl_prior"], kl_x + kl_h, atol=0, rtol=1e-9)
+    # (b) T * 1/2 (SNR(s)/SNR(t) - 1) |e - e_hat|^2: its mean given x and t, with the exact variance.
+    weight = T * 0.5 * torch.expm1(gam[t_int] - gam[t_int - 1])
+    mean, var = err_mean_var(t_int)
+    sd = torch.sqrt((weight ** 2 * var).sum())
+    assert abs(float((terms["diffusion"] - weight * mean).sum() / sd)) < 4.5
+    # The same check would see the wrong weights: SNR(t)/SNR(s) - 1, no factor T, or gamma one step late.
+    wrong = [T * 0.5 * torch.expm1(gam[t_int - 1] - gam[t_int]), 0.5 * torch.expm1(gam[t_int] - gam[t_int - 1])]
+    if T <= 100:
+        wrong.append(T * 0.5 * torch.expm1(gam[(t_int + 1).clamp(max=T)] - gam[t_int]))
+    for w in wrong:
+        assert abs(float((terms["diffusion"] * w / weight - weight * mean).sum() / sd)) > 10
+    # (c) -log N(x; x_hat_0, sigma_0^2 / alpha_0^2) = D (log(sigma_0 / alpha_0) + 1/2 log 2 pi) + 1/2 |e_0 - e_hat_0|^2
+    x_const = D * (0.5 * torch.log(s2[0] / a2[0]) + 0.5 * math.log(2 * math.pi))
+    torch.testing.assert_close(terms["x_const"], x_const, atol=1e-12, rtol=0)
+    mean0, var0 = err_mean_var(torch.zeros_like(t_int))
+    assert abs(float((terms["x_err"] - 0.5 * mean0).sum() / torch.sqrt((0.25 * var0).sum()))) < 4.5
+    # The types sit on their integer grid with sigma_0 * 4 = 0.013: log p(h | z_0) = 0 up to the bins' tails.
+    assert terms["log_p_h"].abs().max() < 1e-6
+    log_pn = torch.log(torch.tensor([{3: 1, 6: 9}[int(k)] / 1e5 for k in n], dtype=torch.float64))
+    torch.testing.assert_close(terms["log_p_n"], log_pn, atol=1e-12, rtol=0)
+    # The total: remove the h and N parts (closed forms above), then average over t as the allocation weights it.
+    x_total = total - kl_h + log_pn
+    kl_T = 0.5 * (v[T] - 1 - torch.log(v[T]))
+    alpha2_ts = a2[ts] / a2[ts - 1]
+    sigma2_q = (s2[ts] - alpha2_ts * s2[ts - 1]) * s2[ts - 1] / s2[ts]  # the reverse step's variance (SPEC §2.5)
+    r = (v[ts - 1] - alpha2_ts * v[ts - 1] ** 2 / v[ts]) / sigma2_q  # Var(z_s | z_t) / sigma_q^2
+    r0 = a2[0] * s ** 2 / v[0]  # Var(x | z_0) / (sigma_0 / alpha_0)^2
+    per_dim = 0.5 * math.log(2 * math.pi * math.e * s ** 2) + kl_T + (0.5 * (r - 1 - torch.log(r))).sum() \
+        + 0.5 * (r0 - 1 - torch.log(r0))
+    for size in sizes:
+        sel = n == size
+        sums = torch.zeros(T + 1, dtype=torch.float64).index_add_(0, t_int[sel], x_total[sel])[1:]
+        at_t = sums / reps
+        squares = torch.zeros(T + 1, dtype=torch.float64).index_add_(
+            0, t_int[sel], (x_total[sel] - at_t[t_int[sel] - 1]) ** 2)[1:]
+        estimate, se = at_t.mean(), torch.sqrt((squares / (reps - 1).clamp(min=1) / reps).sum()) / T
+        expected = 3 * (size - 1) * per_dim
+        assert abs(float(estimate - expected)) < 4.5 * float(se) + 1e-9, (size, estimate, expected, se)
+        assert float(se) < 0.1 * abs(float(expected))  # a check with some power
+
+
 def nll_shift_z(kind: str, M: int) -> float:
     """z-score of mean NLL(molecule) - mean NLL(rotated + reflected + permuted copy) over M paired draws."""
     model = model_of(kind, seed=2).double()
