@@ -127,3 +127,24 @@ def test_an_unwritable_cache_is_one_line(tmp_path: Path, monkeypatch, capsys) ->
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err.startswith(f"symdiff train: error: {blocker / 'cache' / 'bundled'}: cannot create the data "
                                       "cache") and "SYMDIFF_CACHE" in err and "\n" not in err
+
+
+def test_eval_takes_the_bundled_name_as_its_data_root(tmp_path: Path, monkeypatch, capsys) -> None:
+    import json
+
+    import numpy as np
+
+    from symdiff.data.shards import read_split
+    from symdiff.io.molfiles import write_xyz
+
+    monkeypatch.setenv("SYMDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SYMDIFF_CACHE_DIR", str(tmp_path / "eval_cache"))
+    monkeypatch.setenv("SYMDIFF_SHARED", str(tmp_path / "no_shared_data"))  # a fresh machine: no ../shared
+    monkeypatch.chdir(tmp_path)
+    train = read_split(load_config(TINY).data.root, "train")
+    write_xyz(tmp_path / "own.xyz", train.select(np.arange(5)))
+    rc = main(["eval", "--samples", "own.xyz", "--dataset", "qm9", "--data-root", "bundled:qm9", "--json", "m.json"])
+    assert rc == 0, capsys.readouterr().err
+    m = json.loads((tmp_path / "m.json").read_text())
+    # molecules of the bundled training split: the novelty reference is that split, so none of them is novel
+    assert m["n_molecules"] == 5 and m["validity"] > 0 and m["novelty"] == 0.0

@@ -92,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     from symdiff.eval import metrics, reference
 
     _check_outputs(args)
+    if args.data_root:  # the names a config's data.root takes (bundled:qm9), resolved the same way
+        from symdiff.data.roots import resolve
+
+        args.data_root = resolve(args.data_root, Path.cwd())
     if args.nll:
         return _run_nll(args)
     t0 = time.perf_counter()
