@@ -176,7 +176,7 @@ def test_equivariance_in_distribution_without_coupling():
 def gamma_qf(model, x, mask, t, R0, eta):
     """Q_f of the product's gamma network, rebuilt from its parts: QR(dec(mean_i DiT(W_G [R0^T x_i, eta_i, Psi_i])))."""
     net = model.gamma_net
-    return kernels.batched_qr(net.dec(gamma_pooled(model, x, mask, t, R0, eta)).view(-1, 3, 3), backend="torch")
+    return kernels.batched_qr(net.dec(gamma_pooled(model, x, mask, t, R0, eta)).view(-1, 3, 3), backend=net.backend)
 
 
 def gamma_pooled(model, x, mask, t, R0, eta):
