@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Optional, Sequence
@@ -27,8 +28,17 @@ def _check_parent(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: folder {parent} does not exist")
     if not parent.is_dir():
         raise UserError(f"{flag} {path}: {parent} is not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: folder {parent} is not writable")
+    _probe_writable(parent, f"{flag} {path}")
+
+
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in ``folder``: permission bits alone miss read-only mounts, /proc and the like."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".symdiff-write-check.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{what}: cannot create files in {folder}: {exc.strerror or exc}") from None
 
 
 def check_output_file(path: str | Path, flag: str, overwrite: bool,
@@ -58,8 +68,7 @@ def check_output_dir(path: str | Path, flag: str, overwrite: bool) -> Path:
     if out.is_dir():
         if any(out.iterdir()) and not overwrite:
             raise UserError(f"{flag} {out}: directory is not empty; pass --overwrite to replace its files")
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise UserError(f"{flag} {out}: directory is not writable")
+        _probe_writable(out, f"{flag} {out}")
     else:
         _check_parent(out, flag)
     return out
