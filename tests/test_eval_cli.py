@@ -202,7 +202,8 @@ def test_bad_json_and_report_paths_are_refused_before_the_metrics(tmp_path, monk
              (["--json", str(tmp_path / "no" / "m.json")], "does not exist"),
              (["--report", str(a_file)], "exists and is not a directory"),
              (["--report", str(full)], "directory is not empty; pass --overwrite"),
-             (["--report", str(tmp_path / "no" / "rep")], "does not exist")]
+             (["--report", str(tmp_path / "no" / "rep")], "does not exist"),
+             (["--json", str(path), "--overwrite"], "is the --samples input")]
     for extra, expected in cases:
         assert main([*base, *extra]) == 1
         assert expected in _err_line(capsys)

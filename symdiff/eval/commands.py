@@ -78,6 +78,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     from symdiff.eval.report import REPORT_FILES
 
     if args.json:
+        if args.samples and Path(args.json).resolve() == Path(args.samples).resolve():
+            raise UserError(f"--json {args.json}: is the --samples input; name another file")
         check_output_file(args.json, "--json", args.overwrite)
     if args.report:
         if args.nll:
