@@ -10,7 +10,7 @@ import io
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -282,7 +282,7 @@ def validate(cfg: DictConfig, origin: Optional[dict[str, str]] = None, default_s
 
 
 # ----------------------------------------------------------------------------------------------------- loading
-SECTIONS = ("data", "model", "diffusion", "train", "sample")
+SECTIONS = tuple(f.name for f in fields(Config) if f.name != "name")
 
 
 def _check_sections(raw: DictConfig, source: str) -> None:
