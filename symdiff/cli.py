@@ -109,7 +109,10 @@ def run_guarded(command: str, work: Callable[[], Optional[int]]) -> int:
         return 130
     except BrokenPipeError:
         # `symdiff eval ... | head`: the reader left. Point stdout at /dev/null so the exit flush cannot fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured): nothing left to flush
+            pass
         return 141
     except OSError as exc:
         if exc.errno not in USER_OS_ERRNOS or _inside_package(exc.filename):

@@ -107,3 +107,26 @@ def test_info_and_profile_refuse_an_existing_json_unless_overwrite(tmp_path, rep
     assert json.loads(out.read_text())["results"][0]["kernel"] == "com"
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "out.json"]
     assert leftovers == []  # no temporary files left beside the output
+
+
+def test_a_reader_that_leaves_the_pipe_is_not_a_traceback(tmp_path, repo_root):
+    """`symdiff eval ... | head -1`: the reader closes the pipe early; the writer exits quietly with 141."""
+    import textwrap
+
+    script = textwrap.dedent("""
+        import sys
+        import symdiff.models.commands as info
+        from symdiff.cli import main
+
+        def chatty(args):
+            for i in range(200000):
+                print("row", i)
+        info.run = chatty
+        sys.exit(main(["info", "--config", "x.yaml"]))
+    """)
+    reader = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert reader.stdout.readline() == b"row 0\n"
+    reader.stdout.close()  # the `head -1`
+    err = reader.stderr.read().decode()
+    assert reader.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
