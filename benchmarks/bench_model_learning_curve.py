@@ -1,187 +1,218 @@
-"""Learning curve of a small model on real QM9 on this CPU: loss, and EDM stability/validity of samples.
+"""Learning curve of the product: `symdiff train` on a config, then EDM metrics of every saved EMA checkpoint.
 
-Trains in one process on the EDM training split of ../shared/data/qm9/qm9.npz (random batches, seeded) for a
-wall-clock budget, with the paper's optimiser (AdamW amsgrad, global-norm clip 2.0) and an EMA of all weights.
-At every evaluation point it samples molecules from the EMA weights (sizes from the training histogram) and scores
-them with the EDM protocol (`symdiff.eval.metrics.evaluate_edm_protocol`). Evaluation time is not counted in the
-training budget but is recorded. The result JSON is rewritten after every evaluation, so a cut-off run keeps its
-curve so far.
+The benchmark measures what a user runs. Training is `python -m symdiff.cli train` as a subprocess (DeepSpeed, the
+ShardLoader on ``data.root``, EMA, checkpoints every ``train.ckpt_every`` steps, all kept). After training, each
+checkpoint is loaded as `symdiff sample --run` loads it (``load_for_inference``, EMA weights). Molecules are drawn
+with ``sample_molecules`` (the ancestral sampler on ``sample.steps`` steps; fewer than ``diffusion.timesteps``
+strides the grid) and scored with the EDM protocol of ``symdiff.eval.metrics``. Scoring happens after training so
+that it does not take CPU from the measured run. The JSON records the sampler and its steps, the training command,
+the resolved config and the trainer's own loss log (metrics.jsonl); it is rewritten after every scored checkpoint,
+so a cut-off run keeps its curve so far.
 
-Usage: .venv/bin/python benchmarks/bench_model_learning_curve.py --config configs/qm9_tiny.yaml
-           [--kind dit|dit_aug|symdiff_haar|symdiff] [--budget-min 120] [--eval-every-min 20]
-           [--eval-samples 1000] [--eval-steps 1000] [--out benchmarks/results/learning_curve_<kind>.json]
-           [--save-ema runs/lc/<kind>_ema.pt]
-       .venv/bin/python benchmarks/bench_model_learning_curve.py --rescore runs/lc/<kind>_ema.pt --eval-steps 1000
-           --out benchmarks/results/learning_curve_<kind>.json     (re-score saved EMA weights, e.g. full sampler)
+Every ``key=value`` override goes through the config schema (an unknown key is an error) and to `symdiff train`,
+so ``train.*``, ``data.*`` and ``model.*`` are honoured by the trainer itself. ``sample.*`` sets the evaluation.
+The keys the benchmark manages itself (``train.keep_last``; ``train.ckpt_every``, ``sample.n_samples`` and
+``sample.steps`` when the matching flag is given) are refused as overrides where they would conflict.
+
+Usage:
+  .venv/bin/python benchmarks/bench_model_learning_curve.py --config configs/qm9_tiny.yaml --run-dir runs/lc/symdiff
+      [--kind dit|dit_aug|symdiff_haar|symdiff] [--eval-every 5000] [--eval-samples 1000] [--eval-steps 1000]
+      [--budget-min 120] [--threads 2] [--nproc N] [--out FILE.json] [key.sub=value ...]
+  .venv/bin/python benchmarks/bench_model_learning_curve.py --rescore runs/lc/symdiff [--eval-steps 1000]
+      [sample.key=value ...]      (score the checkpoints of an existing run again, e.g. with the full sampler)
+
+``--budget-min`` stops training after that much wall-clock time the way a cluster preempts it (SIGTERM: the
+trainer checkpoints and exits). The default data is the config's ``data.root`` (``bundled:qm9`` for qm9_tiny);
+for the full QM9 training split build its shards and pass ``data.root=DIR``.
+
+The learning_curve_qm9_tiny_*.json files in benchmarks/results/ dated 2026-11-25/26 were made by this script's
+earlier version, a separate training loop (random batches from ../shared/data/qm9/qm9.npz, no DeepSpeed); they are
+kept as recorded and are not comparable step for step with runs of this version.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-# Must precede the OpenMP runtime (torch import). On a shared, oversubscribed machine spinning OpenMP threads wait
-# on each other for whole time slices: a 2-thread step measured 15 s with the default policy, 0.12 s passive.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-
-def load_qm9(path: Path):
-    from symdiff.data.molecules import MoleculeSet
-
-    d = np.load(path)
-    mols = MoleculeSet(atomic_numbers=d["atomic_numbers"], positions=d["positions"], offsets=d["offsets"],
-                       mol_ids=d["mol_id"].astype(np.int64))
-    return mols, np.nonzero(d["split_edm"] == 0)[0]
+GOAL = "atom stability >= 90% and molecule stability >= 40% within 2 hours of CPU training"
 
 
 def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
 
 
-def evaluate(ema_model, n: int, steps: int, seed: int) -> dict:
+def _key(item: str) -> str:
+    return item.split("=", 1)[0].strip()
+
+
+def managed_overrides(args: argparse.Namespace, overrides: list[str]) -> list[str]:
+    """The user's overrides plus the benchmark's own; a user value for a key the benchmark sets is refused."""
+    from symdiff.errors import UserError
+
+    ours = {"train.keep_last": "0"}  # every checkpoint is scored, so none may be pruned
+    flags = {"model.kind": ("--kind", args.kind), "train.ckpt_every": ("--eval-every", args.eval_every),
+             "sample.n_samples": ("--eval-samples", args.eval_samples),
+             "sample.steps": ("--eval-steps", args.eval_steps)}
+    for key, (flag, value) in flags.items():
+        if value is not None:
+            ours[key] = str(value)
+    given = {_key(o) for o in overrides}
+    for key in sorted(given & set(ours)):
+        flag = flags.get(key, (None,))[0]
+        why = f"use {flag} instead" if flag else "the benchmark keeps every checkpoint to score it"
+        raise UserError(f"override '{key}': set by the benchmark ({why})")
+    return [*overrides, *(f"{k}={v}" for k, v in ours.items())]
+
+
+def train(args: argparse.Namespace, overrides: list[str], run_dir: Path) -> dict[str, Any]:
+    """`symdiff train` in a subprocess; with a budget, SIGTERM when it is spent (the trainer checkpoints and exits)."""
+    from symdiff.train.launch import EXIT_REQUEUE
+
+    cmd = [sys.executable, "-m", "symdiff.cli", "train", "--config", str(args.config), "--run-dir", str(run_dir),
+           "--resume", "never", *(["--nproc", str(args.nproc)] if args.nproc else []), *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env)
+    stopped = False
+    try:
+        rc = proc.wait(timeout=args.budget_min * 60 if args.budget_min else None)
+    except subprocess.TimeoutExpired:
+        stopped = True
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0 and not (stopped and rc == EXIT_REQUEUE):
+        raise SystemExit(f"symdiff train exited with code {rc}")
+    return {"command": cmd[1:], "train_wall_s": wall, "stopped_by_budget": stopped, "exit_code": rc}
+
+
+def loss_curve(run_dir: Path) -> list[dict[str, Any]]:
+    """The trainer's own log (metrics.jsonl): step, loss, throughput and wall time."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    keep = ("step", "loss", "grad_norm", "it_per_s", "molecules_per_s", "time")
+    return [{k: r.get(k) for k in keep} for r in rows]
+
+
+def score(ckpt: Path, n: int, steps: int, batch_size: int, seed: int, dataset: str) -> dict[str, Any]:
     from symdiff.eval.metrics import evaluate_edm_protocol
     from symdiff.sampling import sample_molecules
+    from symdiff.train.checkpoint import load_for_inference
 
     t = time.perf_counter()
-    state = torch.random.get_rng_state()
-    mols = sample_molecules(ema_model, n, batch_size=100, steps=steps, seed=seed, progress=False)
-    torch.random.set_rng_state(state)  # evaluation must not change the training's random stream
-    res = evaluate_edm_protocol(mols, "qm9")
+    _, model = load_for_inference(ckpt, use_ema=True)
+    mols = sample_molecules(model, n, batch_size=batch_size, steps=steps, seed=seed, progress=False)
+    res = evaluate_edm_protocol(mols, dataset)
     return {"atom_stability": res["atom_stability"], "mol_stability": res["mol_stability"],
             "validity": res["validity"], "uniqueness": res.get("uniqueness"), "n_samples": n,
-            "sampling_steps": steps, "eval_seconds": time.perf_counter() - t}
+            "sampler": "ancestral", "sampling_steps": steps, "timesteps": int(model.timesteps),
+            "weights": "ema", "eval_seconds": time.perf_counter() - t}
 
 
-def rescore(args: argparse.Namespace) -> int:
-    from symdiff.config import from_dict
-    from symdiff.models import build_model
+def score_run(run_dir: Path, cfg: Any, result: dict[str, Any], out: Path) -> None:
+    from symdiff.train.checkpoint import complete_checkpoints
 
-    saved = torch.load(args.rescore, map_location="cpu", weights_only=False)
-    model = build_model(from_dict(saved["config"]))
-    model.load_state_dict(saved["ema"])
-    model.eval()
-    ev = evaluate(model, args.eval_samples, args.eval_steps, seed=args.seed + 5000)
-    ev.update({"step": saved["step"], "weights": str(args.rescore), "threads": args.threads,
-               "load_average": list(os.getloadavg())})
-    print(json.dumps(ev), flush=True)
-    out = Path(args.out)
-    result = json.loads(out.read_text()) if out.exists() else {}
-    result.setdefault("rescores", []).append(ev)
-    write_json(out, result)
-    return 0
+    s = cfg.sample
+    ckpts = complete_checkpoints(run_dir / "checkpoints")
+    if not ckpts:
+        raise SystemExit(f"{run_dir}: no complete checkpoint to score")
+    for step, path in ckpts:
+        ev = score(path, int(s.n_samples), int(s.steps), int(s.batch_size), int(s.seed) + step,
+                   str(cfg.data.dataset))
+        ev.update({"step": step, "checkpoint": str(path), "load_average": list(os.getloadavg())})
+        result["evals"].append(ev)
+        print(json.dumps(ev), flush=True)
+        write_json(out, result)
 
 
-def main() -> int:
+def parse(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(REPO / "configs" / "qm9_tiny.yaml"))
-    ap.add_argument("--kind", default=None, help="override model.kind")
-    ap.add_argument("--budget-min", type=float, default=120.0, help="training wall-clock budget (minutes)")
-    ap.add_argument("--eval-every-min", type=float, default=20.0)
-    ap.add_argument("--eval-samples", type=int, default=1000)
-    ap.add_argument("--eval-steps", type=int, default=1000, help="reverse steps per sample (< 1000: strided)")
-    ap.add_argument("--batch-size", type=int, default=None, help="default: data.batch_size of the config")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "qm9" / "qm9.npz"))
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--save-ema", default=None,
-                    help="also write the EMA weights (torch state_dict) here at every evaluation, for later re-scoring")
-    ap.add_argument("--rescore", default=None, metavar="EMA_PT",
-                    help="no training: score the EMA weights saved by --save-ema (e.g. with --eval-steps 1000) and "
-                         "add the result to --out under 'rescores'")
-    ap.add_argument("overrides", nargs="*", help="config overrides key=value")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    ap.add_argument("--run-dir", default=None, help="run directory for `symdiff train` (must not exist yet); "
+                    "default runs/lc/<config name>_<kind>")
+    ap.add_argument("--kind", default=None, help="model.kind")
+    ap.add_argument("--eval-every", type=int, default=None, help="train.ckpt_every: score a checkpoint every N steps")
+    ap.add_argument("--eval-samples", type=int, default=None, help="sample.n_samples per scored checkpoint")
+    ap.add_argument("--eval-steps", type=int, default=None, help="sample.steps of the ancestral sampler")
+    ap.add_argument("--budget-min", type=float, default=None, help="stop training after this wall-clock time")
+    ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of training and torch threads of scoring")
+    ap.add_argument("--nproc", type=int, default=0, help="`symdiff train --nproc`")
+    ap.add_argument("--out", default=None, help="result JSON (default: <run dir>/learning_curve.json)")
+    ap.add_argument("--rescore", default=None, metavar="RUN_DIR",
+                    help="no training: score the checkpoints of this run again (only sample.* overrides)")
+    ap.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse(argv)
+    import torch
 
     from _machine import machine
 
     from symdiff.config import load_config, to_dict
-    from symdiff.data.batch import collate
+    from symdiff.errors import UserError
     from symdiff.models import build_model, count_params
 
+    torch.set_num_threads(args.threads)
     if args.rescore:
-        return rescore(args)
-    overrides = ["data.root=unused", *args.overrides] + ([f"model.kind={args.kind}"] if args.kind else [])
-    cfg = load_config(args.config, overrides)
-    kind = str(cfg.model.kind)
-    out = Path(args.out or REPO / "benchmarks" / "results" / f"learning_curve_{kind}.json")
-    mols, train_idx = load_qm9(Path(args.data))
-    bs = args.batch_size or int(cfg.data.batch_size)
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
-    model = build_model(cfg)
-    hist = np.bincount(mols.n_atoms[train_idx])
-    model.set_n_atoms_histogram(hist)
-    ema = copy.deepcopy(model).eval()
-    params = list(model.parameters())
-    ema_params = list(ema.parameters())
-    opt = torch.optim.AdamW(params, lr=float(cfg.train.lr), amsgrad=bool(cfg.train.amsgrad),
-                            weight_decay=float(cfg.train.weight_decay))
-    decay = float(cfg.train.ema_decay)
-    result = {"machine": machine(), "config": to_dict(cfg), "kind": kind, "params": count_params(model),
-              "batch_size": bs, "threads": args.threads, "budget_min": args.budget_min,
-              "goal": "atom stability >= 90% and molecule stability >= 40% within 2 hours of CPU training",
-              "loss_curve": [], "evals": []}
-    budget = args.budget_min * 60.0
-    next_eval = args.eval_every_min * 60.0
-    train_time, step, window = 0.0, 0, []
-    perm, pos = rng.permutation(train_idx), 0
-    while True:
-        if pos + bs > len(perm):
-            perm, pos = rng.permutation(train_idx), 0
-        batch = collate(mols, perm[pos:pos + bs])
-        pos += bs
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, _ = model.training_loss(batch)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(params, float(cfg.train.clip_grad_norm))
-        if torch.isfinite(gnorm):
-            opt.step()
-            with torch.no_grad():
-                torch._foreach_mul_(ema_params, decay)
-                torch._foreach_add_(ema_params, [p.detach() for p in params], alpha=1.0 - decay)
-        train_time += time.perf_counter() - t
-        step += 1
-        window.append(float(loss.detach()))
-        if step % 100 == 0:
-            result["loss_curve"].append({"step": step, "train_min": train_time / 60, "loss": float(np.mean(window))})
-            print(f"step {step} train {train_time / 60:.1f} min loss {np.mean(window):.4f}", flush=True)
-            window = []
-        done = train_time >= budget
-        if train_time >= next_eval or done:
-            ev = evaluate(ema, args.eval_samples, args.eval_steps, seed=1000 + len(result["evals"]))
-            ev.update({"step": step, "train_min": train_time / 60, "load_average": list(os.getloadavg())})
-            result["evals"].append(ev)
-            print(json.dumps(ev), flush=True)
-            write_json(out, result)
-            if args.save_ema:
-                Path(args.save_ema).parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"ema": ema.state_dict(), "step": step, "config": to_dict(cfg)}, args.save_ema + ".tmp")
-                os.replace(args.save_ema + ".tmp", args.save_ema)
-            next_eval += args.eval_every_min * 60.0
-        if done:
-            break
-    result["steps"] = step
-    result["train_s_per_step"] = train_time / step
+        run_dir = Path(args.rescore)
+        if args.kind or args.eval_every or args.budget_min or args.nproc:
+            raise UserError("--rescore scores a finished run: --kind/--eval-every/--budget-min/--nproc do not apply")
+        bad = [o for o in args.overrides if not _key(o).startswith("sample.")]
+        if bad:
+            raise UserError(f"--rescore: override '{bad[0]}' would not change the trained checkpoints "
+                            "(only sample.* applies)")
+        extra = [f"sample.n_samples={args.eval_samples}"] if args.eval_samples else []
+        extra += [f"sample.steps={args.eval_steps}"] if args.eval_steps else []
+        cfg = load_config(run_dir / "config.yaml", [*args.overrides, *extra])
+        run: dict[str, Any] = {"rescore_of": str(run_dir)}
+    else:
+        overrides = managed_overrides(args, list(args.overrides))
+        cfg = load_config(args.config, overrides)  # the schema refuses unknown keys and bad values before training
+        run_dir = Path(args.run_dir or REPO / "runs" / "lc" / f"{cfg.name}_{cfg.model.kind}")
+        if run_dir.exists():
+            raise UserError(f"--run-dir {run_dir}: exists; a learning curve starts from step 0 in a new directory "
+                            "(--rescore scores an existing run)")
+        run = {}
+    out = Path(args.out) if args.out else run_dir / "learning_curve.json"
+    result: dict[str, Any] = {
+        "machine": machine(), "config": to_dict(cfg), "kind": str(cfg.model.kind),
+        "params": count_params(build_model(cfg)), "run_dir": str(run_dir), "threads": args.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "budget_min": args.budget_min, "goal": GOAL,
+        **run, "loss_curve": [], "evals": []}
+    if not args.rescore:
+        result.update(train(args, overrides, run_dir))
+    result["loss_curve"] = loss_curve(run_dir)
     write_json(out, result)
+    score_run(run_dir, cfg, result, out)
+    print(f"wrote {out}", flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from symdiff.errors import UserError
+
+    try:
+        sys.exit(main())
+    except UserError as exc:
+        print(f"bench_model_learning_curve: error: {exc}", file=sys.stderr)
+        sys.exit(1)
