@@ -1,10 +1,11 @@
 """Where along the diffusion a trained model loses molecules: noise real QM9 molecules to step t0, denoise back.
 
-Takes EMA weights saved by `bench_model_learning_curve.py --save-ema`, draws molecules from the EDM training
-split of ../shared/data/qm9/qm9.npz, diffuses them to t0 (q(z_t0 | x, h)), runs the model's own ancestral steps
-t0 -> 0 and the final p(x, h | z_0), and scores the result with the EDM protocol. t0 = 0 only decodes (it must
-give the data's own stability: a check of the sampler's ends); larger t0 shows how much noise the denoiser can
-undo. A well-trained model keeps high stability up to large t0; the gap to the data row says where to look.
+Takes EMA weights saved by the earlier `bench_model_learning_curve.py --save-ema` (its own training loop), draws
+molecules from the EDM training split of ../shared/data/qm9/qm9.npz, diffuses them to t0 (q(z_t0 | x, h)), runs the
+model's own ancestral steps t0 -> 0 and the final p(x, h | z_0), and scores the result with the EDM protocol. t0 = 0
+only decodes (it must give the data's own stability: a check of the sampler's ends); larger t0 shows how much noise
+the denoiser can undo. A well-trained model keeps high stability up to large t0; the gap to the data row says where
+to look.
 
 Usage: .venv/bin/python benchmarks/diag_partial_denoise.py runs/lc/symdiff_ema.pt [--t0 0 10 50 100 200 500]
            [--n 200] [--out benchmarks/results/partial_denoise_<name>.json]
@@ -28,6 +29,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
+def load_qm9(path: Path):
+    from symdiff.data.molecules import MoleculeSet
+
+    d = np.load(path)
+    mols = MoleculeSet(atomic_numbers=d["atomic_numbers"], positions=d["positions"], offsets=d["offsets"],
+                       mol_ids=d["mol_id"].astype(np.int64))
+    return mols, np.nonzero(d["split_edm"] == 0)[0]
+
+
 @torch.inference_mode()
 def denoise_from(model, batch, t0: int):
     from symdiff.diffusion import edm
@@ -46,7 +56,7 @@ def denoise_from(model, batch, t0: int):
 
 def main() -> int:
     from _machine import machine
-    from bench_model_learning_curve import load_qm9, write_json
+    from bench_model_learning_curve import write_json
 
     from symdiff.config import from_dict
     from symdiff.data.batch import collate
