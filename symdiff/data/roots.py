@@ -35,7 +35,7 @@ def resolve(root: str, base_dir: str | Path) -> str:
 
 def anchor_layer(raw: Any, base_dir: str | Path) -> None:
     """Make a relative ``data.root`` of one loaded config file absolute against the file's directory, in place."""
-    root = _root_of(raw)
+    root = _root_of(raw, resolve=False)  # an interpolation may name keys of another file: leave it to the merge
     if root is not None:
         raw.data.root = anchor(root, base_dir)
 
@@ -47,7 +47,7 @@ def resolve_config(cfg: Any, base_dir: str | Path) -> None:
         cfg.data.root = resolve(root, base_dir)
 
 
-def _root_of(cfg: Any) -> str | None:
+def _root_of(cfg: Any, resolve: bool = True) -> str | None:
     # Only a plain string is a path; anything else is left for the schema to reject with its own message.
     from omegaconf import DictConfig, OmegaConf
 
@@ -55,5 +55,5 @@ def _root_of(cfg: Any) -> str | None:
         return None
     if "root" not in cfg.data or OmegaConf.is_missing(cfg.data, "root"):
         return None
-    root = cfg.data.root
+    root = cfg.data.root if resolve else OmegaConf.to_container(cfg.data, resolve=False)["root"]
     return root if isinstance(root, str) and root else None
