@@ -74,7 +74,7 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    saved = torch.load(args.weights, map_location="cpu", weights_only=False)
+    saved = torch.load(args.weights, map_location="cpu", weights_only=True)  # tensors + config dict: no code runs
     model = build_model(from_dict(saved["config"]))
     model.load_state_dict(saved["ema"])
     model.eval()

@@ -4,7 +4,8 @@
     python tools/convert_checkpoint.py RUN_DIR_or_CHECKPOINT_DIR OUT.pt
 
 OUT.pt holds {"config": resolved config dict, "weights": fp32 state dict, "ema": EMA state dict, "step": int,
-"buffers": non-parameter state (e.g. p(N))}. `symdiff sample --ckpt OUT.pt` and
+"source": str}, both state dicts with the model's buffers (e.g. p(N)): tensors and plain data only, so it loads
+with torch.load(weights_only=True) and nothing in it can run code. `symdiff sample --ckpt OUT.pt` and
 `symdiff.train.checkpoint.load_for_inference(OUT.pt)` read it; no DeepSpeed is needed to use it.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         tag_dir = ckpt.resolve_checkpoint(Path(args.source))
         state = ckpt.read_state(tag_dir)
         weights = ckpt.fp32_weights(tag_dir)
-        buffers = state.get("buffers", {})
+        buffers = state["buffers"]
         blob = {"config": state["config"], "step": int(state["step"]), "source": str(tag_dir),
                 "weights": {**weights, **buffers}, "ema": {**state["ema"], **buffers}}
     except UserError as exc:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     torch.save(blob, tmp)
+    torch.load(tmp, weights_only=True)  # what users exchange must load without unpickling any object
     os.replace(tmp, out)
     n = sum(v.numel() for k, v in weights.items())
     print(f"wrote {out}: step {blob['step']}, {len(weights)} tensors, {n} parameters (fp32 + EMA) from {tag_dir}")

@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="--nll: molecules per batch (default: the config's)")
     p.add_argument("--device", default="cpu", help=f"--nll: torch device, {DEVICE_HELP}")
     p.add_argument("--seed", type=int, default=0, help="--nll: seed of torch's RNG")
+    p.add_argument("--trust-pickle", action="store_true", help="--nll: load a checkpoint that needs Python objects "
+                   "beyond tensors (that can run code: only for files you trust)")
     p.add_argument("--valency-table", metavar="JSON", help="revised protocol: a valency table other than the "
                    "shipped one (see symdiff.eval.valency)")
 
@@ -161,7 +163,7 @@ def _run_nll(args: argparse.Namespace) -> int:
     if not Path(args.nll).exists():
         raise UserError(f"--nll {args.nll}: no such file or directory")
     res = run_split_nll(args.nll, args.data_root, args.split, args.passes, args.batch_size, str(device),
-                        seed=args.seed)
+                        seed=args.seed, trust_pickle=args.trust_pickle)
     out = {"protocol": "nll", "dataset": args.dataset, **res}
     spread = "" if res["nll_std_over_passes"] is None else f" (std over passes {res['nll_std_over_passes']:.3f})"
     print(f"symdiff eval: NLL of {args.nll} on split '{res['split']}' of {res['data_root']}: "

@@ -54,12 +54,13 @@ def split_nll(model: Any, batches_for_pass: Any, passes: int = 1, device: str | 
 
 
 def run_split_nll(source: str, data_root: Optional[str] = None, split: Optional[str] = None, passes: int = 1,
-                  batch_size: Optional[int] = None, device: str = "cpu", use_ema: bool = True, seed: int = 0) -> dict:
+                  batch_size: Optional[int] = None, device: str = "cpu", use_ema: bool = True, seed: int = 0,
+                  trust_pickle: bool = False) -> dict:
     """Load a trained model (run dir, checkpoint dir or exported .pt) and compute its NLL on a shard split."""
     from symdiff.data.loader import ShardLoader
     from symdiff.train.checkpoint import load_for_inference
 
-    cfg, model = load_for_inference(source, use_ema=use_ema)
+    cfg, model = load_for_inference(source, use_ema=use_ema, trust_pickle=trust_pickle)
     root = data_root or str(cfg.data.root)
     split = split or str(cfg.data.test_split)
     loader = ShardLoader(root, split, batch_size=batch_size or int(cfg.data.batch_size), shuffle=False,

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reverse steps; fewer than the diffusion's T uses a strided sampler (default: sample.steps)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: sample.seed)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="load a checkpoint that needs Python objects beyond tensors (that can run code: only "
+                             "for files you trust)")
     parser.add_argument("--n-atoms-from", metavar="DATA_DIR", default=None,
                         help="draw molecule sizes from the training-split histogram of this shard directory instead "
                              "of the p(N) stored with the model")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{'--run' if args.run else '--ckpt'} {source}: no such file or directory")
     if args.n_atoms_from is not None and not Path(args.n_atoms_from).is_dir():
         raise UserError(f"--n-atoms-from {args.n_atoms_from}: not a directory")
-    cfg, model = load_for_inference(source, use_ema=not args.no_ema)
+    cfg, model = load_for_inference(source, use_ema=not args.no_ema, trust_pickle=args.trust_pickle)
     n = args.n if args.n is not None else int(cfg.sample.n_samples)
     batch_size = args.batch_size if args.batch_size is not None else int(cfg.sample.batch_size)
     steps = args.steps if args.steps is not None else int(cfg.sample.steps)

@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 
 from symdiff.data.shards import sha256_file
 from symdiff.errors import CheckpointError
+from symdiff.train import safe_load
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ MARKER = "COMPLETE.json"
 STATE_FILE = "symdiff_state.pt"
 FORMAT_VERSION = 1
 _TAG_RE = re.compile(r"^step_(\d{8,})$")
+_RANK_RE = re.compile(r"^rank_\d{5,}\.pt$")
 
 
 def tag_for(step: int) -> str:
@@ -155,19 +157,28 @@ def resolve_checkpoint(path: Path) -> Path:
     raise CheckpointError(f"{path}: not a checkpoint or a run directory with complete checkpoints")
 
 
-def read_state(tag_dir: Path) -> dict[str, Any]:
-    try:
-        # Our own file (numpy RNG state inside): not loadable with weights_only. Only load checkpoints you trust.
-        return torch.load(tag_dir / STATE_FILE, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError) as exc:
-        raise CheckpointError(f"{tag_dir / STATE_FILE}: cannot read ({exc})") from exc
+def _expect_keys(blob: Any, keys: tuple[str, ...], where: Path, what: str) -> dict[str, Any]:
+    if not isinstance(blob, dict) or any(k not in blob for k in keys):
+        raise CheckpointError(f"{where}: not {what} (expected a dict with keys {', '.join(keys)})")
+    return blob
+
+
+def read_state(tag_dir: Path, trust_pickle: bool = False) -> dict[str, Any]:
+    """symdiff_state.pt: tensors and plain data only (weights-only load, nothing allowed beyond)."""
+    f = tag_dir / STATE_FILE
+    keys = ("step", "config", "param_shapes", "ema", "buffers")
+    return _expect_keys(safe_load.load(f, trust_pickle=trust_pickle), keys, f, "a symdiff checkpoint state")
 
 
 # ----------------------------------------------------------------------------------------------- RNG
 
 
 def rng_state() -> dict[str, Any]:
-    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain numbers, so that rank files load with the weights-only unpickler."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state()
     return st
@@ -175,7 +186,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(st: dict[str, Any]) -> None:
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    npst = st["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["kind"], npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                npst["cached_gaussian"])
+    np.random.set_state(npst)  # a tuple with a numpy key array in rank files written before this format
     random.setstate(st["python"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(st["cuda"])
@@ -309,6 +324,10 @@ def plan_resume(tag_dir: Path, world_size: int, zero_stage: int, ckpt_dir: Path)
     if meta is None:
         raise CheckpointError(f"{tag_dir}: incomplete checkpoint")
     state = read_state(tag_dir)
+    # Every file is checked before anything is built: DeepSpeed's before ds_to_universal or engine.load_checkpoint
+    # unpickle them freely, the rank files before the engine exists (they are read once it has loaded).
+    check_deepspeed_files(tag_dir)
+    safe_load.check_files(sorted(tag_dir.glob("rank_*.pt")), allow=safe_load.NUMPY_ARRAY)
     old_ws, old_stage = int(meta["world_size"]), int(meta["zero_stage"])
     # Stages 1 and 2 share a layout; DeepSpeed 0.19.8 cannot load stage 0 or 1/2 files into stage 3 or back
     # (measured: its loader looks for the other stage's model-state files), even through universal format.
@@ -321,6 +340,16 @@ def plan_resume(tag_dir: Path, world_size: int, zero_stage: int, ckpt_dir: Path)
     same_layout = old_ws == world_size
     universal = zero_stage > 0 and not same_layout
     return ResumePlan(tag_dir, meta, state, universal, ckpt_dir)
+
+
+def check_deepspeed_files(folder: Path) -> None:
+    """Refuse (CheckpointError, one line) a checkpoint whose DeepSpeed files need anything beyond tensors, plain
+    data and DeepSpeed's own checkpoint classes: DeepSpeed 0.19 loads them with ``torch.load(weights_only=False)``
+    (TorchCheckpointEngine.load, zero_to_fp32, ds_to_universal, the universal loader), which would run a crafted
+    file's payload. Our own files (symdiff_state.pt, rank_*.pt) are checked where they are read."""
+    ours = {STATE_FILE}
+    files = [f for f in sorted(folder.rglob("*.pt")) if f.name not in ours and not _RANK_RE.match(f.name)]
+    safe_load.check_files(files, allow=safe_load.deepspeed_classes())
 
 
 def universal_dir(tag_dir: Path, ckpt_dir: Path) -> Path:
@@ -364,17 +393,21 @@ def _optim_files(tag_dir: Path) -> list[Path]:
     return _by_rank(tag_dir.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
 
 
-def _stage12_fp32_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+def _ds_load(f: Path, trust_pickle: bool = False) -> Any:
+    return safe_load.load(f, allow=safe_load.deepspeed_classes(), trust_pickle=trust_pickle)
+
+
+def _stage12_fp32_weights(tag_dir: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Full fp32 master weights of a ZeRO-1/2 checkpoint (also DeepSpeed's bf16 ZeRO-1 files, which its own
     zero_to_fp32 rejects): each rank's flat fp32 partition holds consecutive fragments of the parameters."""
     pieces: dict[str, list[torch.Tensor]] = {}
     for f in _optim_files(tag_dir):
-        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        osd = _ds_load(f, trust_pickle)["optimizer_state_dict"]
         for g, mapping in enumerate(osd["param_slice_mappings"]):
             flat = osd["single_partition_of_fp32_groups"][g]
             for name, frag in mapping.items():
                 pieces.setdefault(name, []).append(flat[frag.start:frag.start + frag.numel])
-    shapes = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    shapes = _ds_load(tag_dir / "mp_rank_00_model_states.pt", trust_pickle)["module"]
     return {name: torch.cat(p).reshape(shapes[name].shape).float().clone() for name, p in pieces.items()}
 
 
@@ -389,10 +422,10 @@ def _extra_optimizer_states(tag_dir: Path) -> dict[str, dict[str, torch.Tensor]]
     dp = len(optim_files)
     numels: dict[str, int] = {}
     for rank, f in enumerate(optim_files):
-        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        osd = _ds_load(f)["optimizer_state_dict"]
         if stage3:
             states = osd["optimizer_state_dict"]["state"]
-            shapes = torch.load(model_files[rank], map_location="cpu", weights_only=False)["param_shapes"]
+            shapes = _ds_load(model_files[rank])["param_shapes"]
             for g, group_shapes in enumerate(shapes):
                 extra = {k: v for k, v in states[g].items() if k not in _CONVERTED and torch.is_tensor(v)
                          and v.dim() == 1}
@@ -424,7 +457,7 @@ def _extra_optimizer_states(tag_dir: Path) -> dict[str, dict[str, torch.Tensor]]
 def _add_extra_optimizer_states(tag_dir: Path, universal: Path) -> None:
     for name, by_key in _extra_optimizer_states(tag_dir).items():
         pdir = universal / "zero" / name
-        template = torch.load(pdir / "exp_avg.pt", map_location="cpu", weights_only=False)
+        template = _ds_load(pdir / "exp_avg.pt")
         for key, full in by_key.items():
             # Same layout as DeepSpeed's own files: {"param": tensor, ...} for ZeRO 1/2, a bare tensor for ZeRO-3.
             if isinstance(template, dict):
@@ -450,7 +483,7 @@ def _restore_extra_states_stage3(engine, universal: Path) -> None:
             key = f.stem
             if key in ("fp32", *_CONVERTED):
                 continue
-            full = torch.load(f, map_location="cpu", weights_only=False)
+            full = _ds_load(f)
             full = full["param"] if isinstance(full, dict) else full
             safe_set_full_optimizer_state(p, full.to(p.device).float(), key)
 
@@ -459,6 +492,7 @@ def load_engine(engine, plan: ResumePlan) -> None:
     """Load model, optimizer and scheduler state into ``engine`` (collective)."""
     if plan.universal:
         load_dir = universal_dir(plan.tag_dir, plan.ckpt_dir).parent
+        check_deepspeed_files(load_dir / plan.tag_dir.name)  # a cached conversion may come with the run dir
     else:
         load_dir = plan.tag_dir.parent
     path, _ = engine.load_checkpoint(str(load_dir), tag=plan.tag_dir.name, load_optimizer_states=True,
@@ -473,7 +507,8 @@ def load_rank_state(tag_dir: Path, rank: int) -> Optional[dict[str, Any]]:
     f = tag_dir / rank_file(rank)
     if not f.is_file():
         return None
-    return torch.load(f, map_location="cpu", weights_only=False)
+    # numpy arrays are allowed for the numpy RNG state of rank files written before it was stored as a tensor
+    return _expect_keys(safe_load.load(f, allow=safe_load.NUMPY_ARRAY), ("rng", "loader"), f, "a symdiff rank state")
 
 
 # ----------------------------------------------------------------------------------------------- inference
@@ -484,54 +519,71 @@ def _strip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {(k[len("model."):] if k.startswith("model.") else k): v for k, v in sd.items()}
 
 
-def fp32_weights(tag_dir: Path) -> dict[str, torch.Tensor]:
+def fp32_weights(tag_dir: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Plain fp32 (non-EMA) weights of a checkpoint, whatever its ZeRO stage or world size."""
     meta = verify(tag_dir, checksums=False)
     if meta is None:
         raise CheckpointError(f"{tag_dir}: incomplete checkpoint")
     if int(meta["zero_stage"]) == 0:
-        sd = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        sd = _ds_load(tag_dir / "mp_rank_00_model_states.pt", trust_pickle)["module"]
     elif int(meta["zero_stage"]) in (1, 2):
-        module = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        module = _ds_load(tag_dir / "mp_rank_00_model_states.pt", trust_pickle)["module"]
         # buffers (not optimised) from the module state, parameters from the fp32 master partitions
-        sd = {**{k: v for k, v in module.items()}, **_stage12_fp32_weights(tag_dir)}
+        sd = {**{k: v for k, v in module.items()}, **_stage12_fp32_weights(tag_dir, trust_pickle)}
     else:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        if not trust_pickle:
+            check_deepspeed_files(tag_dir)  # zero_to_fp32 unpickles without restrictions
         sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return {k: v.float() for k, v in _strip(sd).items()}
 
 
-def _load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
+def _load_weights(model: torch.nn.Module, sd: dict[str, Any], where: str) -> None:
+    """Every parameter and buffer (p(N) included) from ``sd``, same names and shapes, or CheckpointError."""
     own = dict(model.state_dict())
-    params = {k for k, _ in model.named_parameters()}
-    problems = [f"missing {k} {tuple(own[k].shape)}" for k in sorted(params - set(sd))]
-    problems += [f"unexpected {k} {tuple(sd[k].shape)}" for k in sorted(set(sd) - set(own))]
+    problems = [f"{k} is not a tensor" for k in sorted(sd) if not torch.is_tensor(sd[k])]
+    problems += [f"missing {k} {tuple(own[k].shape)}" for k in sorted(set(own) - set(sd))]
+    problems += [f"unexpected {k} {tuple(sd[k].shape)}" for k in sorted(set(sd) - set(own)) if torch.is_tensor(sd[k])]
     problems += [f"{k}: stored {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                 for k in sorted(set(sd) & set(own)) if tuple(sd[k].shape) != tuple(own[k].shape)]
+                 for k in sorted(set(sd) & set(own)) if torch.is_tensor(sd[k]) and sd[k].shape != own[k].shape]
     if problems:
         raise CheckpointError(f"{where}: weights do not match the model: " + "; ".join(problems[:20]))
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict(sd, strict=True)
 
 
-def load_for_inference(path_or_run_dir: str | Path, use_ema: bool = True):
-    """(cfg, model) with plain weights (EMA by default) from a run dir, a checkpoint dir or an exported .pt."""
+def _exported_weights(path: Path, use_ema: bool, trust_pickle: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(config dict, state dict) of a file written by tools/convert_checkpoint.py (tensors and plain data)."""
+    blob = _expect_keys(safe_load.load(path, trust_pickle=trust_pickle), ("config", "weights"), path,
+                        "an exported checkpoint (tools/convert_checkpoint.py)")
+    if not isinstance(blob["config"], dict) or not isinstance(blob["weights"], dict):
+        raise CheckpointError(f"{path}: 'config' or 'weights' is not a mapping")
+    if not use_ema:
+        return blob["config"], blob["weights"]
+    if not isinstance(blob.get("ema"), dict) or not blob["ema"]:
+        raise CheckpointError(f"{path}: holds no EMA weights; use the raw weights explicitly (sample --no-ema, "
+                              f"load_for_inference(use_ema=False))")
+    return blob["config"], blob["ema"]
+
+
+def load_for_inference(path_or_run_dir: str | Path, use_ema: bool = True, trust_pickle: bool = False):
+    """(cfg, model) with plain weights (EMA by default) from a run dir, a checkpoint dir or an exported .pt.
+
+    Files are read with the weights-only unpickler; ``trust_pickle=True`` lifts that for a file whose source you
+    trust. A missing EMA, a missing p(N) buffer or any other missing or extra tensor is an error."""
     from symdiff.config import from_dict
     from symdiff.models import build_model
 
     path = Path(path_or_run_dir)
     if path.is_file():
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(blob, dict) or "config" not in blob or "weights" not in blob:
-            raise CheckpointError(f"{path}: not an exported checkpoint (expected keys config, weights, ema)")
-        cfg = from_dict(blob["config"])
-        sd = blob["ema"] if use_ema and blob.get("ema") is not None else blob["weights"]
+        config, sd = _exported_weights(path, use_ema, trust_pickle)
     else:
         tag_dir = resolve_checkpoint(path)
-        state = read_state(tag_dir)
-        cfg = from_dict(state["config"])
-        sd = {**(state["ema"] if use_ema else fp32_weights(tag_dir)), **state.get("buffers", {})}
+        state = read_state(tag_dir, trust_pickle)
+        config = state["config"]
+        sd = {**(state["ema"] if use_ema else fp32_weights(tag_dir, trust_pickle)), **state["buffers"]}
         path = tag_dir
+    cfg = from_dict(config)
     model = build_model(cfg)
     _load_weights(model, sd, str(path))
     model.eval()
