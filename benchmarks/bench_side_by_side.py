@@ -49,9 +49,14 @@ NO_IDLE_WAIT = ("import sys, harness; harness.wait_idle = lambda *a, **k: 0.0; h
                 "sys.argv[0] = 'harness.py'; harness.main()")
 
 
-def thread_env(threads: int) -> dict:
+def thread_env(threads: int, wait_policy: str) -> dict:
+    """The same threads and OpenMP wait policy for both sides. 'default' leaves OMP_WAIT_POLICY unset: the official
+    code then gets the runtime's default, the product its own (the symdiff package sets PASSIVE when unset), so
+    a ratio taken that way mixes the code with the policy; on a loaded machine pass the same policy to both."""
     env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)  # the runtime's default, as the official side gets
+    env.pop("OMP_WAIT_POLICY", None)
+    if wait_policy != "default":
+        env["OMP_WAIT_POLICY"] = wait_policy
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     return env
 
@@ -112,7 +117,7 @@ class CpuMonitor:
 def run_official(config: str, args, work: Path, tag: str) -> dict:
     out = work / f"official_{config}_{tag}.json"
     py = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "python").exists() else sys.executable
-    env = thread_env(args.threads)
+    env = thread_env(args.threads, args.omp_wait_policy)
     env.update(PYTHONDONTWRITEBYTECODE="1", QM9_NPZ="../../data/qm9/qm9.npz")
     flags = ["--config", config, "--mode", "train", "--batch", str(args.batch), "--warmup", str(args.warmup),
              "--steps", str(args.steps), "--max_seconds", str(args.max_seconds), "--out", str(out)]
@@ -151,7 +156,7 @@ def run_project(config: str, args, shards: Path, work: Path, tag: str) -> dict:
     cmd = [sys.executable, "-m", "symdiff.cli", "train", "--config", str(REPO / "configs" / f"{config}.yaml"),
            "--run-dir", str(run_dir), "--resume", "never", f"data.root={shards}", f"data.batch_size={args.batch}",
            f"train.max_steps={steps}", "train.log_every=1", f"train.ckpt_every={100 * steps}"]
-    env = thread_env(args.threads)
+    env = thread_env(args.threads, args.omp_wait_policy)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     load0, t0 = loadavg(), time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -221,6 +226,8 @@ def main() -> int:
     ap.add_argument("--no-idle-wait", action="store_true",
                     help="run the harness without its idle wait and step discarding (a machine others are using: "
                          "both sides then run under the same load; absolute figures are lower bounds)")
+    ap.add_argument("--omp-wait-policy", default="default", choices=["default", "PASSIVE", "ACTIVE"],
+                    help="OMP_WAIT_POLICY for both sides (see thread_env)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from _machine import machine
@@ -229,7 +236,8 @@ def main() -> int:
     out = Path(args.out or REPO / "benchmarks" / "results" / f"side_by_side_{date}.json")
     result = {"benchmark": "bench_side_by_side", "commit": git_commit(), "machine": machine(),
               "threads": {"OMP_NUM_THREADS": args.threads, "MKL_NUM_THREADS": args.threads,
-                          "OMP_WAIT_POLICY": "runtime default (unset) on both sides"},
+                          "OMP_WAIT_POLICY": (args.omp_wait_policy if args.omp_wait_policy != "default" else
+                                              "unset: official runtime default, product PASSIVE (package)")},
               "batch": args.batch, "warmup_steps": args.warmup, "timed_steps": args.steps, "passes": args.passes,
               "data": "full QM9 (../shared/data/qm9/qm9.npz), EDM train split; official: its random batches; "
                       "project: `symdiff data build` shards read by its size-bucketed loader",
