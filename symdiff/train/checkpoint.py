@@ -319,7 +319,8 @@ class ResumePlan:
     ckpt_dir: Path  # this run's checkpoint directory (the universal conversion is written there)
 
 
-def plan_resume(tag_dir: Path, world_size: int, zero_stage: int, ckpt_dir: Path) -> ResumePlan:
+def plan_resume(tag_dir: Path, world_size: int, zero_stage: int, ckpt_dir: Path,
+                bf16: Optional[bool] = None) -> ResumePlan:
     meta = verify(tag_dir, checksums=False)
     if meta is None:
         raise CheckpointError(f"{tag_dir}: incomplete checkpoint")
@@ -337,7 +338,11 @@ def plan_resume(tag_dir: Path, world_size: int, zero_stage: int, ckpt_dir: Path)
                               f"DeepSpeed can only resume stage 1 <-> 2 or the same stage. Resume with "
                               f"train.zero_stage={old_stage}, or export the weights with tools/convert_checkpoint.py "
                               f"and start a new run")
-    same_layout = old_ws == world_size
+    # DeepSpeed's bf16 and fp32 ZeRO optimizers write differently named and shaped files; the universal format
+    # (fp32 master weights + optimizer states per parameter) is the common ground, so a change of precision
+    # resumes through it like a change of world size.
+    same_precision = bf16 is None or bool(meta.get("bf16", False)) == bool(bf16)
+    same_layout = old_ws == world_size and same_precision
     universal = zero_stage > 0 and not same_layout
     return ResumePlan(tag_dir, meta, state, universal, ckpt_dir)
 

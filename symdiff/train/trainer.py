@@ -190,7 +190,7 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
 
     plan = None
     if resume_dir is not None:
-        plan = ckpt.plan_resume(resume_dir, world, effective_zero_stage(cfg), ckpt_dir)
+        plan = ckpt.plan_resume(resume_dir, world, effective_zero_stage(cfg), ckpt_dir, bf16=use_bf16(cfg))
         ckpt.check_compatible(plan.state, cfg, shapes, resume_dir)  # raises before anything is written
         if plan.universal:
             err: list[Any] = [None]
