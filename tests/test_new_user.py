@@ -148,3 +148,11 @@ def test_eval_takes_the_bundled_name_as_its_data_root(tmp_path: Path, monkeypatc
     m = json.loads((tmp_path / "m.json").read_text())
     # molecules of the bundled training split: the novelty reference is that split, so none of them is novel
     assert m["n_molecules"] == 5 and m["validity"] > 0 and m["novelty"] == 0.0
+
+
+def test_the_python_api_resolves_a_stored_bundled_root(tmp_path: Path, monkeypatch) -> None:
+    from symdiff.config import from_dict
+
+    monkeypatch.setenv("SYMDIFF_CACHE", str(tmp_path / "cache"))
+    root = Path(str(from_dict({"data": {"root": "bundled:qm9"}}).data.root))
+    assert root.parent == tmp_path / "cache" / "bundled" and verify(root)["dataset"] == "qm9"
