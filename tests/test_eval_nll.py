@@ -37,8 +37,9 @@ def _export(tmp_path, root):
     cfg = load_config(None, [f"data.root={root}", *TINY])
     model = build_model(cfg)
     path = tmp_path / "model.pt"
+    # as tools/convert_checkpoint.py writes it: both state dicts carry the buffers (p(N)), which loading requires
     torch.save({"config": to_dict(cfg), "weights": model.state_dict(),
-                "ema": {k: v.clone() for k, v in model.named_parameters()}}, path)
+                "ema": {k: v.clone() for k, v in model.state_dict().items()}}, path)
     return cfg, model, path
 
 
