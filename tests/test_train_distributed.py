@@ -23,6 +23,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "train_hooks"))
+from symdiff_train_hooks import env as faults  # noqa: E402  (test-side fault injection for the subprocesses)
+
 CONFIG = REPO / "configs" / "qm9_tiny.yaml"
 TINY = ["model.hidden_size=32", "model.xh_hidden_size=16", "model.num_gaussians=16", "model.depth=1",
         "model.num_heads=2", "model.gamma_depth=1", "model.gamma_hidden_size=16", "model.gamma_dec_hidden=16",
@@ -111,14 +114,14 @@ def ref_zero2(tmp_path_factory, shards) -> Path:
 
 
 def test_zero1_preempted_by_sigusr1_resumes_bitwise(tmp_path, shards):
-    nan = {"SYMDIFF_TEST_NAN_LOSS": "6"}  # a non-finite loss under ZeRO-1 is skipped the same way in both runs
+    nan = faults(nan_loss=[6])  # a non-finite loss under ZeRO-1 is skipped the same way in both runs
     ref = tmp_path / "ref"
     train(ref, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=1", "train.ckpt_every=100", env=nan)
     run = tmp_path / "run"
     # The SLURM path: the signal reaches the launcher, every rank finishes its step, checkpoints and exits 75.
     proc = subprocess.Popen(_cmd(run, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=1",
                                  "train.ckpt_every=100"),
-                            env=_env({"SYMDIFF_TEST_STEP_SLEEP": "0.3", **nan}), stdout=subprocess.PIPE,
+                            env=_env(faults(nan_loss=[6], step_sleep=0.3)), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "metrics.jsonl").is_file():
@@ -139,7 +142,7 @@ def test_zero1_preempted_by_sigusr1_resumes_bitwise(tmp_path, shards):
 
 def test_zero3_stop_and_resume_bitwise(tmp_path, shards):
     # A NaN gradient at step 2 in every run: DeepSpeed's ZeRO-3 overflow check skips it, the count resumes.
-    nan = {"SYMDIFF_TEST_NAN_GRAD": "2"}
+    nan = faults(nan_grad=[2])
     ref = tmp_path / "ref"
     train(ref, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=3", "train.ckpt_every=100", env=nan)
     run = tmp_path / "run"
@@ -170,7 +173,7 @@ def test_sigkill_at_random_moments_resumes_from_last_complete_checkpoint(tmp_pat
     rng = random.Random(20261125)
     args = [f"train.max_steps={STEPS}", "train.zero_stage=2", "train.ckpt_every=2"]
     # Slow steps and a pause inside every checkpoint write widen the windows the kills aim at.
-    env = {"SYMDIFF_TEST_STEP_SLEEP": "0.2", "SYMDIFF_TEST_SAVE_SLEEP": "1.0"}
+    env = faults(step_sleep=0.2, save_sleep=1.0)
     expected: int | None = None  # step the next start must resume from (None: a fresh start)
     for attempt, kind in enumerate(["during_write", "random", "during_write", "finish"]):
         before = ckpt.complete_checkpoints(ckdir)
@@ -267,7 +270,7 @@ def test_single_process_run_guards_logs_and_retention(tmp_path, shards):
     from symdiff.train import checkpoint as ckpt
 
     run = tmp_path / "single"
-    env = {"SYMDIFF_TEST_NAN_LOSS": "4", "SYMDIFF_TEST_NAN_GRAD": "6,7,8"}
+    env = faults(nan_loss=[4], nan_grad=[6, 7, 8])
     # token-budget batches (size-sorted shards), 2 micro-batches accumulated in one process
     out = train(run, shards, 1, "train.max_steps=12", "train.zero_stage=0", "train.ckpt_every=1",
                 "train.max_nonfinite_in_a_row=2", "train.keep_last=5", "data.max_atoms_per_batch=300",
@@ -307,13 +310,14 @@ def test_single_process_run_guards_logs_and_retention(tmp_path, shards):
     # one step per logged window: real atoms of the global batch = tokens/s / it/s, within the token budget
     assert 100 < rec["tokens_per_s"] / rec["it_per_s"] <= 300 + 1e-6
 
-    # The same run directory with another architecture: refused by name, nothing written or removed.
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    # The same run directory with another architecture: refused by name, nothing written or removed (but the lock
+    # file, which records each start that held the directory).
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "train.lock"}
     out = train(run, shards, 1, "train.max_steps=12", "train.zero_stage=0", "data.max_atoms_per_batch=300",
                 "model.hidden_size=48", expect=1)
     assert "config model.hidden_size: checkpoint 32 vs now 48" in out and "nothing was changed" in out
     assert re.search(r"parameter \S+: checkpoint shape \(\d+, 32\) vs model shape \(\d+, 48\)", out), out[-3000:]
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "train.lock"} == before
 
 
 def test_checkpoint_integrity_mismatch_and_export(tmp_path, ref_zero2):
@@ -393,7 +397,7 @@ def test_bf16_code_path_on_cpu(tmp_path, shards):
 
     run = tmp_path / "bf16"
     train(run, shards, 1, "train.max_steps=3", "train.zero_stage=0", "train.precision=bf16", "train.ckpt_every=1",
-          env={"SYMDIFF_TEST_NAN_GRAD": "2"})
+          env=faults(nan_grad=[2]))
     m = metrics(run)
     assert [s for s, r in m.items() if r["skipped"]] == [2]
     meta = json.loads((run / "checkpoints" / "step_00000003" / "COMPLETE.json").read_text())

@@ -100,3 +100,53 @@ def test_micro_batch_shards_do_not_depend_on_world_size(tmp_path):
                     assert micro.positions.shape[1] == int(micro.n_atoms.max())
             assert np.array_equal(np.sort(torch.cat([m.mol_ids for m in shards_one]).numpy()),
                                   np.sort(batch.mol_ids.numpy()))
+
+
+def test_launcher_reports_the_failing_ranks_code_not_the_kill_of_the_others(tmp_path, monkeypatch):
+    """Every rank hits the same bad input; the first to exit must not get the others SIGKILLed while they report
+    it (the launcher answered 137 instead of 1). A rank that hangs after a failure is still stopped."""
+    import os
+    import stat
+    import sys
+
+    from symdiff.train import launch
+
+    fake = tmp_path / "rank.sh"  # stands in for `python -m symdiff.cli ...`: rank 1 fails first, rank 0 a bit later
+    fake.write_text('#!/bin/sh\nif [ "$RANK" = 0 ]; then sleep 1; exit 1; fi\nexit 1\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    assert launch.spawn_local(2, ["train"]) == 1
+
+    fake.write_text('#!/bin/sh\nif [ "$RANK" = 0 ]; then exec sleep 600; fi\nexit 4\n')
+    monkeypatch.setattr(launch, "_FAIL_GRACE_S", 0.5)
+    assert launch.spawn_local(2, ["train"]) == 4  # the hanging rank 0 was killed; rank 1's code is the answer
+    assert os.environ.get("SYMDIFF_LAUNCH_PARENT") is None
+
+
+def test_run_dir_lock_names_its_holder_and_is_released_when_the_holder_dies(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from symdiff.train.runlock import RunDirLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom pathlib import Path\n"
+                               "from symdiff.train.runlock import RunDirLock\n"
+                               f"RunDirLock(Path({str(tmp_path)!r})).acquire()\nprint('held', flush=True)\n"
+                               "time.sleep(600)\n"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        info = json.loads((tmp_path / "train.lock").read_text())
+        assert info["pid"] == holder.pid
+        with pytest.raises(UserError, match=rf"another training is running .*pid {holder.pid}, started "
+                                            rf"{info['started']}"):
+            RunDirLock(tmp_path).acquire()
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    with RunDirLock(tmp_path):  # the kernel dropped the dead holder's lock: nothing stale to clean up
+        assert json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
+        with pytest.raises(UserError, match=f"pid {os.getpid()},"):
+            RunDirLock(tmp_path).acquire()  # a second lock in the same process is refused too

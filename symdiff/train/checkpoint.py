@@ -223,7 +223,9 @@ def check_compatible(state: dict[str, Any], cfg: DictConfig, shapes: dict[str, t
             continue
         if old.get(key) != new.get(key):
             problems.append(f"config {key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}")
-    for key in ("data.dataset", "data.include_charges"):
+    # train.amsgrad changes what the optimizer state holds (max_exp_avg_sq): refused. The other optimizer and
+    # schedule keys (lr, weight_decay, warmup_steps, clip_grad_norm) are applied on resume (trainer.py).
+    for key in ("data.dataset", "data.include_charges", "train.amsgrad"):
         a, b = _flatten(state["config"]).get(key), _flatten(to_dict(cfg)).get(key)
         if a != b:
             problems.append(f"config {key}: checkpoint {a!r} vs now {b!r}")
@@ -243,53 +245,112 @@ def check_compatible(state: dict[str, Any], cfg: DictConfig, shapes: dict[str, t
 # ----------------------------------------------------------------------------------------------- save
 
 
-def _test_hook_sleep() -> None:
-    # Test-only: widen the window in which a SIGKILL lands inside a checkpoint write.
-    delay = float(os.environ.get("SYMDIFF_TEST_SAVE_SLEEP", "0") or 0)
-    if delay > 0:
-        time.sleep(delay)
+def _describe(exc: BaseException) -> str:
+    """One line for a failed write. torch.save reports a full disk as "[enforce fail ...] unexpected pos"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}{f': {exc.filename}' if exc.filename else ''}"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _free_space(path: Path) -> str:
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return f"{shutil.disk_usage(p).free / 2**20:.0f} MiB free there"
+            except OSError:
+                return "free space unknown"
+    return "free space unknown"
+
+
+def _attempt(action) -> Optional[str]:
+    """Run ``action``; a write failure (full disk, quota, I/O error) becomes its one-line description."""
+    try:
+        action()
+        return None
+    except (OSError, RuntimeError) as exc:
+        return _describe(exc)
+
+
+def _agree(error: Optional[str]) -> Optional[str]:
+    """The first rank's error (collective), so that every rank takes the same branch after a failed write."""
+    import torch.distributed as dist
+
+    errors: list[Optional[str]] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((f"rank {r}: {e}" if len(errors) > 1 else e for r, e in enumerate(errors) if e), None)
+
+
+def _write_parts(engine, ckpt_dir: Path, tmp: Path, rank: int, common: dict[str, Any],
+                 per_rank: dict[str, Any]) -> None:
+    """Every rank's share of a checkpoint, into the temporary directory ``tmp``."""
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, save_latest=False)
+    torch.save(per_rank, tmp / rank_file(rank))
+    if rank == 0:
+        torch.save(common, tmp / STATE_FILE)
+
+
+def _publish(engine, ckpt_dir: Path, tmp: Path, final: Path, step: int, keep_last: int) -> None:
+    """Rank 0: checksum the files, write the marker, move the directory to its final name, update ``latest``."""
+    import torch.distributed as dist
+
+    files = {}
+    for f in _files_of(tmp):
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    marker = {"format": FORMAT_VERSION, "tag": final.name, "step": step, "world_size": dist.get_world_size(),
+              "zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled()),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
+    _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():
+        # A directory of this step from an earlier pass: one found corrupt at resume (the run restarted from an
+        # older checkpoint), or one the run went past. The new one replaces it; older checkpoints stay meanwhile.
+        aside = ckpt_dir / f".tmp-replaced-{final.name}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.rename(final, aside)
+        os.rename(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+        log.warning("%s: replaced the directory of the same step left by an earlier pass", final)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    _write_atomic(ckpt_dir / "latest", final.name)
+    _prune(ckpt_dir, keep_last)
 
 
 def save(engine, ckpt_dir: Path, step: int, common: dict[str, Any], per_rank: dict[str, Any], *,
          keep_last: int) -> Path:
-    """Write a checkpoint for ``step`` on every rank (collective) and publish it. Returns its directory."""
+    """Write a checkpoint for ``step`` on every rank (collective) and publish it. Returns its directory.
+
+    A failed write (full disk, quota, I/O error) on any rank raises CheckpointError on every rank, naming the
+    checkpoint; the temporary directory is removed and the previous checkpoints are left as they were.
+    """
     import torch.distributed as dist
 
     rank = dist.get_rank()
-    tag = tag_for(step)
-    final = ckpt_dir / tag
-    tmp_tag = f".tmp-{tag}"
-    tmp = ckpt_dir / tmp_tag
-    if rank == 0:
+    final = ckpt_dir / tag_for(step)
+    tmp = ckpt_dir / f".tmp-{final.name}"
+
+    def prepare() -> None:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    dist.barrier()
-    if final.exists():  # same step already published (e.g. resumed and stopped at once): keep the good one
-        dist.barrier()
-        return final
-    engine.save_checkpoint(str(ckpt_dir), tag=tmp_tag, save_latest=False)
-    torch.save(per_rank, tmp / rank_file(rank))
-    if rank == 0:
-        torch.save(common, tmp / STATE_FILE)
-    _test_hook_sleep()
-    dist.barrier()  # every rank's shards are on disk
-    if rank == 0:
-        files = {}
-        for f in _files_of(tmp):
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
-        marker = {"format": FORMAT_VERSION, "tag": tag, "step": step, "world_size": dist.get_world_size(),
-                  "zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled()),
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
-        _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
-        _fsync_dir(tmp)
-        os.rename(tmp, final)
-        _fsync_dir(ckpt_dir)
-        _write_atomic(ckpt_dir / "latest", tag)
-        _prune(ckpt_dir, keep_last)
-    dist.barrier()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    error = _agree(_attempt(prepare) if rank == 0 else None)
+    if error is None:
+        error = _agree(_attempt(lambda: _write_parts(engine, ckpt_dir, tmp, rank, common, per_rank)))
+    if error is None:
+        error = _agree(_attempt(lambda: _publish(engine, ckpt_dir, tmp, final, step, keep_last))
+                       if rank == 0 else None)
+    if error is not None:
+        previous = [p.name for _, p in complete_checkpoints(ckpt_dir) if p != final]
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()  # nobody goes on before the temporary directory is gone
+        raise CheckpointError(f"{final}: cannot write the checkpoint ({error}; {_free_space(ckpt_dir)}); "
+                              f"removed the partial files; the previous checkpoint "
+                              f"{previous[-1] if previous else '(none)'} is intact")
     return final
 
 
@@ -493,15 +554,15 @@ def _restore_extra_states_stage3(engine, universal: Path) -> None:
             safe_set_full_optimizer_state(p, full.to(p.device).float(), key)
 
 
-def load_engine(engine, plan: ResumePlan) -> None:
-    """Load model, optimizer and scheduler state into ``engine`` (collective)."""
+def load_engine(engine, plan: ResumePlan, scheduler: bool = True) -> None:
+    """Load model, optimizer and (unless ``scheduler`` is False) scheduler state into ``engine`` (collective)."""
     if plan.universal:
         load_dir = universal_dir(plan.tag_dir, plan.ckpt_dir).parent
         check_deepspeed_files(load_dir / plan.tag_dir.name)  # a cached conversion may come with the run dir
     else:
         load_dir = plan.tag_dir.parent
     path, _ = engine.load_checkpoint(str(load_dir), tag=plan.tag_dir.name, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+                                     load_lr_scheduler_states=scheduler)
     if path is None:
         raise CheckpointError(f"{plan.tag_dir}: DeepSpeed could not load the checkpoint")
     if plan.universal and int(engine.zero_optimization_stage()) == 3:

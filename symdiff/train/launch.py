@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping, Sequence
@@ -25,6 +26,12 @@ EXIT_REQUEUE = 75
 EXIT_NONFINITE = 3
 
 _CHILD_FLAG = "SYMDIFF_LAUNCH_CHILD"
+_PARENT_PID = "SYMDIFF_LAUNCH_PARENT"  # the --nproc launcher's pid, which its ranks must not outlive
+# After one rank fails, the others get this long to exit by themselves (they usually hit the same error) before
+# they are killed: a rank killed while it reports its own error would hide that error behind "-9".
+_FAIL_GRACE_S = 10.0
+# Ctrl-C, SLURM's --signal and scancel: forwarded to every rank, each of which checkpoints and exits.
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 @dataclass(frozen=True)
@@ -112,13 +119,51 @@ def is_launch_child() -> bool:
     return bool(os.environ.get(_CHILD_FLAG))
 
 
+def die_with_parent() -> None:
+    """Make this rank die when its `--nproc` launcher dies, however it dies (SIGKILL included).
+
+    The kernel's parent-death signal (Linux prctl PR_SET_PDEATHSIG) does it at once; a thread that watches the
+    parent pid is the fallback where prctl is not available. Without either, SIGKILL of the launcher left its ranks
+    training as orphans.
+    """
+    parent = int(os.environ.get(_PARENT_PID, "0") or 0)
+    if parent <= 0:
+        return
+    _set_parent_death_signal()
+    if os.getppid() != parent:  # the launcher died before the signal was armed
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="symdiff-parent-watch", daemon=True).start()
+
+
+def _set_parent_death_signal() -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def spawn_local(nproc: int, argv: Sequence[str]) -> int:
     """Run ``python -m symdiff.cli <argv>`` as ``nproc`` local ranks (gloo on CPU) and wait for all of them.
 
-    SIGTERM/SIGUSR1 sent to this parent are forwarded so every rank checkpoints and exits (Ctrl-C reaches the
-    ranks directly through the terminal's process group).
-    If a rank dies with an error the others are killed at once: they would otherwise block in a collective.
-    Returns 0 if all ranks succeeded, EXIT_REQUEUE if all stopped for preemption, else the first failure's code.
+    SIGINT/SIGTERM/SIGUSR1 sent to this parent are forwarded so every rank checkpoints and exits (a terminal's
+    Ctrl-C also reaches the ranks directly; a rank takes a repeated signal as one request). The ranks die with this
+    process if it is killed (``die_with_parent``).
+    If a rank fails, the others are given a few seconds to exit and then killed: they would otherwise block in a
+    collective. Returns 0 if all ranks succeeded, EXIT_REQUEUE if all stopped for preemption, else the code of the
+    first rank that failed by itself.
     """
     if nproc < 1:
         from symdiff.errors import UserError
@@ -132,7 +177,7 @@ def spawn_local(nproc: int, argv: Sequence[str]) -> int:
             env.pop(key)  # the children are our ranks, not the outer launcher's
         env.update({"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                     "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                    _CHILD_FLAG: "1"})
+                    _CHILD_FLAG: "1", _PARENT_PID: str(os.getpid())})
         procs.append(subprocess.Popen([sys.executable, "-m", "symdiff.cli", *argv], env=env))
 
     def forward(signum, _frame):
@@ -140,31 +185,44 @@ def spawn_local(nproc: int, argv: Sequence[str]) -> int:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    # A signal the launcher was started to ignore (`cmd &` in a script ignores SIGINT) stays ignored.
+    old = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
-        codes: dict[int, int] = {}
-        while len(codes) < nproc:
-            for i, p in enumerate(procs):
-                if i in codes:
-                    continue
-                rc = p.poll()
-                if rc is None:
-                    continue
-                codes[i] = rc
-                if rc not in (0, EXIT_REQUEUE):
-                    log.error("rank %d exited with code %d; stopping the other ranks", i, rc)
-                    for q in procs:
-                        if q.poll() is None:
-                            q.kill()
-            time.sleep(0.05)
+        codes, failed = _wait_all(procs)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-    bad = [codes[i] for i in range(nproc) if codes[i] not in (0, EXIT_REQUEUE)]
-    if bad:
+    if failed:
         # A killed rank shows up negative (-9); a shell would report 128+9.
-        first = bad[0]
+        first = codes[failed[0]]
         return 128 - first if first < 0 else first
     if any(codes[i] == EXIT_REQUEUE for i in range(nproc)):
         return EXIT_REQUEUE
     return 0
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> tuple[dict[int, int], list[int]]:
+    """Exit codes of all ranks, and the ranks that failed by themselves (not killed by us), in the order they ended."""
+    codes: dict[int, int] = {}
+    failed: list[int] = []
+    killed: set[int] = set()
+    kill_at: float | None = None
+    while len(codes) < len(procs):
+        for i, p in enumerate(procs):
+            if i in codes or (rc := p.poll()) is None:
+                continue
+            codes[i] = rc
+            if rc not in (0, EXIT_REQUEUE) and i not in killed:
+                failed.append(i)
+                log.error("rank %d exited with code %d", i, rc)
+                if kill_at is None:
+                    kill_at = time.monotonic() + _FAIL_GRACE_S
+        if kill_at is not None and time.monotonic() >= kill_at:
+            for i, p in enumerate(procs):
+                if i not in codes and p.poll() is None:
+                    log.error("rank %d still running after rank %d failed: stopping it", i, failed[0])
+                    killed.add(i)
+                    p.kill()
+            kill_at = float("inf")
+        time.sleep(0.05)
+    return codes, failed

@@ -30,7 +30,8 @@ from symdiff.train import checkpoint as ckpt
 from symdiff.train.ema import EMA
 from symdiff.train.engine import (build_engine, effective_zero_stage, grad_shards, init_distributed, is_stage3,
                                   use_bf16)
-from symdiff.train.launch import EXIT_NONFINITE, EXIT_REQUEUE, discover
+from symdiff.train.launch import EXIT_NONFINITE, EXIT_REQUEUE, FORWARDED_SIGNALS, DistEnv, discover
+from symdiff.train.runlock import RunDirLock
 
 log = logging.getLogger("symdiff.train")
 
@@ -66,40 +67,76 @@ def split_batch(batch: Batch, n: int, by_size: bool = False) -> list[Batch]:
     return out
 
 
-class _NanGrad(torch.autograd.Function):
-    """Test hook: identity forward, NaN gradient backward (a finite loss with non-finite gradients)."""
-
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
-        return g * float("nan")
-
-
-def _test_injection(loss: torch.Tensor, step: int, rank: int) -> torch.Tensor:
-    # SYMDIFF_TEST_NAN_LOSS / SYMDIFF_TEST_NAN_GRAD = comma-separated 1-based steps (rank 0 only). Tests only.
-    for var, kind in (("SYMDIFF_TEST_NAN_LOSS", "loss"), ("SYMDIFF_TEST_NAN_GRAD", "grad")):
-        steps = os.environ.get(var)
-        if steps and rank == 0 and str(step) in steps.split(","):
-            loss = loss * float("nan") if kind == "loss" else _NanGrad.apply(loss)
+def compute_loss(engine, micro: Batch, step: int) -> torch.Tensor:
+    """The loss of one micro-batch of ``step`` (the seeds are set by the caller). A non-finite loss is made NaN so
+    that its gradients are non-finite too and the optimizer's overflow check skips the step."""
+    loss, _stats = engine(micro)
+    if not torch.isfinite(loss):
+        loss = loss * float("nan")
     return loss
 
 
 class _StopFlag:
-    """SIGUSR1/SIGTERM (SLURM preemption, `scancel --signal`, the --nproc parent) ask for checkpoint-and-exit.
+    """SIGUSR1/SIGTERM (SLURM preemption, `scancel --signal`, the --nproc parent) and SIGINT (Ctrl-C) ask for
+    checkpoint-and-exit.
 
-    The handler only sets a flag; the loop acts on it after the current step, once all ranks agree.
+    The handler only sets a flag; the loop acts on it after the current step, once all ranks agree. A signal this
+    process was started to ignore (a script's `cmd &` ignores SIGINT) stays ignored. ``restore()`` puts the previous
+    handlers back.
     """
 
     def __init__(self) -> None:
         self.signum: Optional[int] = None
-        for s in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(s, self._handle)
+        self._old = {s: signal.signal(s, self._handle) for s in FORWARDED_SIGNALS
+                     if signal.getsignal(s) is not signal.SIG_IGN}
 
     def _handle(self, signum, _frame) -> None:
         self.signum = signum
+
+    def restore(self) -> None:
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+# Optimizer and schedule keys a resume takes from the new config (train.amsgrad is refused: check_compatible).
+APPLIED_ON_RESUME = ("lr", "weight_decay", "warmup_steps", "clip_grad_norm")
+
+
+def apply_optimizer_changes(engine, old_train: dict[str, Any], cfg: DictConfig, ds_cfg: dict[str, Any],
+                            rank: int) -> dict[str, tuple[Any, Any]]:
+    """Make the resumed optimizer and scheduler follow ``cfg.train``, not the checkpoint's values; say so loudly.
+
+    DeepSpeed restores each param group's lr/weight_decay/betas/eps from the checkpoint, so without this a new
+    ``train.lr`` would be recorded in config.yaml and silently not used. Gradient clipping is read from the engine's
+    config at every step, so a new ``train.clip_grad_norm`` needs no action. Warmup is counted in applied optimizer
+    steps since the start of the run. Returns {key: (old, new)} of what changed.
+    """
+    t = cfg.train
+    changed = {k: (old_train.get(k), t[k]) for k in APPLIED_ON_RESUME if k in old_train and old_train[k] != t[k]}
+    params = ds_cfg["optimizer"]["params"]
+    groups = engine.optimizer.param_groups
+    for key in ("weight_decay", "betas", "eps"):
+        want = tuple(params[key]) if key == "betas" else params[key]
+        for g in groups:
+            if key in g and g[key] != want:
+                changed.setdefault(key, (g[key], want))
+                g[key] = want
+    if "lr" in changed or "warmup_steps" in changed:
+        sched = engine.lr_scheduler
+        if sched is not None:
+            if not int(old_train.get("warmup_steps", 0)) > 0:  # no scheduler state was saved: rebuild it
+                sched.last_batch_iteration = int(engine.global_steps) - int(engine.skipped_steps) - 1
+            lrs = sched.get_lr()
+        else:
+            lrs = [float(t.lr)] * len(groups)
+        for g, lr in zip(groups, lrs):
+            g["lr"] = lr
+    if rank == 0 and changed:
+        log.warning("resume: applying the new optimizer/schedule settings: %s (learning rate now %g)",
+                    ", ".join(f"{'train.' if k in APPLIED_ON_RESUME else 'optimizer '}{k} {a!r} -> {b!r}"
+                              for k, (a, b) in changed.items()),
+                    float(groups[0]["lr"]))
+    return changed
 
 
 def _memory_gb(device: torch.device) -> float:
@@ -145,34 +182,86 @@ def validation_nll(cfg: DictConfig, ema: dict[str, torch.Tensor], buffers: dict[
 
 def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
     """Train ``cfg`` in ``run_dir`` on this process's rank. Returns the process exit code (0, 75 requeue, 3)."""
-    # ---------------------------------------------------------------- processes and devices
     env = discover()
     init_distributed()
+    stop = _StopFlag()
+    lock = RunDirLock(Path(run_dir))
+    try:
+        code = _train(cfg, Path(run_dir), resume, env, stop, lock)
+    except UserError:
+        # Every rank raises the same error (rank 0 decides and broadcasts). Leave the process group first: gloo
+        # torn down at interpreter exit with the group still live aborts ("terminate called ...", exit 134).
+        _leave_process_group()
+        raise
+    finally:
+        lock.release()
+        stop.restore()
+    _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _preflight(cfg: DictConfig, run_dir: Path, resume: str, lock: RunDirLock) -> Optional[Path]:
+    """Rank 0, before any rank does work: take the run directory, check the data, pick the checkpoint.
+
+    Raises UserError; nothing in the run directory is changed before the lock is held.
+    """
+    from symdiff.data.shards import read_manifest
+    from symdiff.train.datacheck import check_config_matches, verify_shards
+
+    t = cfg.train
+    if int(t.max_steps) < 1:
+        raise UserError(f"train.max_steps={int(t.max_steps)}: must be >= 1 (the number of steps to train)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission
+        raise UserError(f"{run_dir}: cannot make the run directory ({exc.strerror})") from None
+    lock.acquire()
+    root = Path(cfg.data.root)
+    manifest = read_manifest(root)
+    check_config_matches(manifest, cfg.data, root)
+    splits = [cfg.data.train_split] + ([cfg.data.val_split] if int(t.eval_every) > 0 else [])
+    level = str(cfg.data.get("verify", "full"))
+    t0 = time.perf_counter()
+    n = verify_shards(manifest, root, splits, level)
+    if n:
+        log.info("data.verify=%s: %d shards of %s match the manifest (%.2f s)", level, n, "+".join(splits),
+                 time.perf_counter() - t0)
+    ckpt.clean_stale(run_dir / ckpt.CKPT_DIR)
+    return ckpt.find_resume(run_dir, resume)
+
+
+def _on_rank0(fn, rank: int) -> Any:
+    """``fn()`` on rank 0, its result (or its UserError, re-raised) on every rank."""
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", fn())
+        except UserError as exc:
+            box[0] = ("error", str(exc))
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise UserError(box[0][1])
+    return box[0][1]
+
+
+def _train(cfg: DictConfig, run_dir: Path, resume: str, env: DistEnv, stop: _StopFlag, lock: RunDirLock) -> int:
+    # ---------------------------------------------------------------- processes and devices
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    run_dir = Path(run_dir)
     ckpt_dir = run_dir / ckpt.CKPT_DIR
-    stop = _StopFlag()
     t = cfg.train
+
+    # ---------------------------------------------------------------- run dir, data, checkpoint (rank 0 for all)
+    resume_dir: Optional[Path] = _on_rank0(lambda: _preflight(cfg, run_dir, resume, lock), rank)
     shards_total = grad_shards(cfg, world)
     n_local = shards_total // world
-
-    # ---------------------------------------------------------------- which checkpoint (rank 0 decides for all)
-    choice: list[Any] = [None]
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_stale(ckpt_dir)
-        try:
-            found = ckpt.find_resume(run_dir, resume)
-            choice[0] = ("ok", None if found is None else str(found))
-        except UserError as exc:
-            choice[0] = ("error", str(exc))
-    dist.broadcast_object_list(choice, src=0)
-    if choice[0][0] == "error":
-        raise ckpt.CheckpointError(choice[0][1])
-    resume_dir = None if choice[0][1] is None else Path(choice[0][1])
 
     # ---------------------------------------------------------------- model (same initial weights on every rank)
     from symdiff.data.loader import ShardLoader
@@ -217,7 +306,10 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
 
     step, nonfinite_total, nonfinite_row = 0, 0, 0
     if plan is not None:
-        ckpt.load_engine(engine, plan)
+        old_train = dict(plan.state["config"].get("train", {}))
+        # A checkpoint written without warmup has no scheduler state for the WarmupLR that this config adds.
+        ckpt.load_engine(engine, plan, scheduler=int(old_train.get("warmup_steps", 0)) > 0)
+        apply_optimizer_changes(engine, old_train, cfg, ds_cfg, rank)
         ema.load_state_dict(plan.state["ema"])
         step = int(plan.state["step"])
         nonfinite_total = int(plan.state.get("nonfinite_total", 0))
@@ -229,6 +321,9 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
         loader.load_state_dict((mine or ckpt.load_rank_state(plan.tag_dir, 0))["loader"])
         if rank == 0:
             log.info("resumed from %s at step %d (epoch %d)", plan.tag_dir, step, loader.epoch)
+            if step >= int(t.max_steps):
+                log.warning("the checkpoint is at step %d, train.max_steps=%d: nothing to train (raise "
+                            "train.max_steps to continue)", step, int(t.max_steps))
     else:
         # Per-rank streams for anything outside a step's seeded region, derived from the one global seed.
         torch.manual_seed(seed_of(int(t.seed), 0, 1_000_000 + rank))
@@ -236,8 +331,8 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
     metrics_path = run_dir / "metrics.jsonl"
     writer = None
     if rank == 0:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_cfg, indent=1) + "\n")
+        ckpt._write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+        ckpt._write_atomic(run_dir / "deepspeed_config.json", json.dumps(ds_cfg, indent=1) + "\n")
         _rewind_metrics(metrics_path, step)
         _rewind_metrics(run_dir / "eval.jsonl", step)
         try:
@@ -279,11 +374,7 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
         loss_sum = 0.0
         for j, micro in enumerate(split_batch(batch, n_local, by_size=by_size)):
             torch.manual_seed(seed_of(seed, step, rank + j * world))
-            loss, _stats = engine(micro.to(device))
-            if not torch.isfinite(loss):
-                # Make sure the gradients are non-finite too, so the optimizer's overflow check skips the step.
-                loss = loss * float("nan")
-            loss = _test_injection(loss, step, rank)
+            loss = compute_loss(engine, micro.to(device), step)
             engine.backward(loss)
             engine.step()
             loss_sum += float(loss.detach())
@@ -303,8 +394,6 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
         window["atoms"] += float(stats[3])
         window["slots"] += float(stats[4])
         bar.update(1)
-        if os.environ.get("SYMDIFF_TEST_STEP_SLEEP"):  # tests only: widen the window for signals and kills
-            time.sleep(float(os.environ["SYMDIFF_TEST_STEP_SLEEP"]))
 
         if skipped:
             nonfinite_total += 1
@@ -362,8 +451,9 @@ def train(cfg: DictConfig, run_dir: str | Path, resume: str = "auto") -> int:
                 log.info("checkpoint %s", path)
         if preempted:
             if rank == 0:
-                log.warning("signal received: checkpointed at step %d, exiting with code %d for requeue", step,
-                            EXIT_REQUEUE)
+                name = signal.Signals(stop.signum).name if stop.signum is not None else "a signal on another rank"
+                log.warning("%s received: checkpointed at step %d, exiting with code %d (requeue; running the same "
+                            "command again resumes)", name, step, EXIT_REQUEUE)
             exit_code = EXIT_REQUEUE
             break
 
