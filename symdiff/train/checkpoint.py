@@ -250,7 +250,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}{f': {exc.filename}' if exc.filename else ''}"
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else type(exc).__name__
+    return f"{line}: a short write, is the disk full?" if "unexpected pos" in line else line
 
 
 def _free_space(path: Path) -> str:
@@ -345,10 +346,11 @@ def save(engine, ckpt_dir: Path, step: int, common: dict[str, Any], per_rank: di
                        if rank == 0 else None)
     if error is not None:
         previous = [p.name for _, p in complete_checkpoints(ckpt_dir) if p != final]
+        free = _free_space(ckpt_dir)  # before the partial files are removed: what the write ran into
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()  # nobody goes on before the temporary directory is gone
-        raise CheckpointError(f"{final}: cannot write the checkpoint ({error}; {_free_space(ckpt_dir)}); "
+        raise CheckpointError(f"{final}: cannot write the checkpoint ({error}; {free}); "
                               f"removed the partial files; the previous checkpoint "
                               f"{previous[-1] if previous else '(none)'} is intact")
     return final
