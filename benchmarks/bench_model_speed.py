@@ -28,9 +28,12 @@ import time
 from pathlib import Path
 
 # OMP_WAIT_POLICY is left to the runtime's default, as the official code gets it: forcing PASSIVE cost about 20%
-# on an idle machine (../shared/peers/symdiff_official/README.md, 2026-12-01).
-import numpy as np
-import torch
+# on an idle machine (../shared/peers/symdiff_official/README.md, 2026-12-01). The OpenMP runtime reads it when torch
+# loads, before symdiff's own default (symdiff/__init__.py) is set, so record the value in force now.
+OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY", "unset (runtime default)")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -142,7 +145,7 @@ def main() -> int:
     batches = qm9_batches(Path(args.data), args.warmup + args.train_steps, args.batch_size, seed=0)
     result = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"host": socket.gethostname(), "cpu": cpu_name(), "cores": os.cpu_count(),
-                          "threads": args.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                          "threads": args.threads, "omp_wait_policy": OMP_WAIT_POLICY,
                           "torch": torch.__version__, "python": platform.python_version(),
                           "load_average_start": list(os.getloadavg())},
               "configs": {}}

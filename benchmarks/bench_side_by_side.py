@@ -12,14 +12,20 @@ this script interleaves the two in one run, under the same load:
   (``train.log_every=1``) after dropping the warm-up steps. This measures the product, not a parallel loop.
 
 Each pass runs every config on both sides, the order alternating from pass to pass; the figures are medians over
-passes of each side's per-pass median. The harness waits (bounded) for an idle machine and drops steps that other
-processes disturbed; the product cannot wait, so this script records, for every product step, the fraction of the
-machine other processes used during it (from /proc/stat, less the product's own process tree) and reports the
-medians over all timed steps and over the undisturbed ones. The load average before and after each run, the commit
-and the thread counts are stored with the result.
+passes of each side's per-pass median. The harness waits for an idle machine before every step (up to 30 minutes;
+``--max_seconds`` ends its timing only once 3 undisturbed steps exist) and drops steps that other processes
+disturbed. The product cannot wait, so this script records, for every product step, the share of the machine
+other processes used during it (/proc/stat less the product's own process tree) and reports the medians over all
+timed steps and over the undisturbed ones (<= 5%, the harness's threshold). On a machine that others keep busy,
+``--no-idle-wait`` runs the same harness without the wait and the dropping, so that both sides are timed under the
+same load; the ratio then holds for that load and the absolute figures are lower bounds. Pass the same
+``--omp-wait-policy`` to both sides there (spinning OpenMP threads on an oversubscribed machine measure the
+scheduler). The load average before and after each run, the commit and the thread settings are stored with the
+result.
 
 Usage: .venv/bin/python benchmarks/bench_side_by_side.py [--configs symdiff_plus symdiff_ppp] [--passes 3]
-       [--steps 15] [--warmup 3] [--threads 2] [--out benchmarks/results/side_by_side_DATE.json]
+       [--steps 15] [--warmup 3] [--threads 2] [--no-idle-wait] [--omp-wait-policy default|PASSIVE|ACTIVE]
+       [--merge] [--out benchmarks/results/side_by_side_DATE.json]
 """
 from __future__ import annotations
 
@@ -228,6 +234,8 @@ def main() -> int:
                          "both sides then run under the same load; absolute figures are lower bounds)")
     ap.add_argument("--omp-wait-policy", default="default", choices=["default", "PASSIVE", "ACTIVE"],
                     help="OMP_WAIT_POLICY for both sides (see thread_env)")
+    ap.add_argument("--merge", action="store_true",
+                    help="add these configs to an existing --out file (each merged config records its own run)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from _machine import machine
@@ -240,12 +248,16 @@ def main() -> int:
                                               "unset: official runtime default, product PASSIVE (package)")},
               "batch": args.batch, "warmup_steps": args.warmup, "timed_steps": args.steps, "passes": args.passes,
               "data": "full QM9 (../shared/data/qm9/qm9.npz), EDM train split; official: its random batches; "
-                      "project: `symdiff data build` shards read by its size-bucketed loader",
+                      "project: `symdiff data build` shards, batches of B molecules (no token budget), each "
+                      "padded to its largest molecule as the official batches are",
               "official_idle_wait": not args.no_idle_wait,
               "official_command": "PYTHONDONTWRITEBYTECODE=1 QM9_NPZ=../../data/qm9/qm9.npz OMP_NUM_THREADS=T "
                                   "MKL_NUM_THREADS=T python harness.py --config C --mode train --batch B "
                                   "--warmup W --steps S --max_seconds M --out X (cwd ../shared/peers/symdiff_official)",
               "configs": {}}
+    this_run = {k: result[k] for k in ("commit", "machine", "threads", "official_idle_wait")}
+    if args.merge and out.exists():
+        result = json.loads(out.read_text())
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         shards = build_shards(work)
@@ -261,10 +273,10 @@ def main() -> int:
                     runs[c][side].append(r)
                     print(f"pass {p} {c:13s} {side:8s} {r['molecules_per_s']:7.1f} mol/s  "
                           f"(load {r['load_average_before'][0]:.2f} -> {r['load_average_after'][0]:.2f})", flush=True)
-                result["configs"][c] = {"project_config": PROJECT_CONFIG[c], **runs[c],
+                result["configs"][c] = {"project_config": PROJECT_CONFIG[c], "run": this_run, **runs[c],
                                         "summary": summarise(runs[c]["official"], runs[c]["project"])}
                 _write(out, result)  # after every pair: an interrupted run keeps what it measured
-    result["load_average_end"] = loadavg()
+    this_run["load_average_end"] = loadavg()
     _write(out, result)
     print(json.dumps({c: v["summary"] for c, v in result["configs"].items()}, indent=1))
     print(f"wrote {out}")
