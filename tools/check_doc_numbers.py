@@ -1,0 +1,498 @@
+"""Check that the figures quoted in README.md and docs/ are the ones their JSON files in benchmarks/results/ hold.
+
+Each check names a document, a line of it (found by an anchor text), a JSON file and the values it quotes: every
+value is formatted as the document prints it and must appear in that line as a whole number (not inside a longer
+one), and the JSON file must be named in that line or earlier in the same section (a table names it once, in its
+heading, its first column or the sentence above it). A second check: every `*.json` of benchmarks/results/ that a
+document names exists. A re-run benchmark or an edited figure that no longer agree fail here.
+
+Usage: python tools/check_doc_numbers.py [--root REPO]     (exit 1 and one line per mismatch)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = Path("benchmarks") / "results"
+DOCS = ("README.md", "docs/data.md", "docs/eval.md", "docs/kernels.md", "docs/model.md", "docs/training.md",
+        "docs/cluster.md")
+
+
+@dataclass(frozen=True)
+class Check:
+    doc: str  # path relative to the repository root
+    anchor: str  # text that picks the one line holding the figures ("re:" + a regular expression)
+    json: str  # file name in benchmarks/results/
+    values: tuple[tuple[Callable[[Any], float], str], ...]  # (value from the loaded JSON, format as printed)
+
+
+def pct(x: float) -> float:
+    return 100.0 * x
+
+
+def _lc(i: int, key: str) -> Callable[[Any], float]:
+    return lambda d: d["evals"][i][key]
+
+
+def _lc_loss(i: int) -> Callable[[Any], float]:
+    """The logged training loss at the evaluation's step (the nearest logged step)."""
+    return lambda d: min(d["loss_curve"], key=lambda r: abs(r["step"] - d["evals"][i]["step"]))["loss"]
+
+
+def _loss_at(step: int) -> Callable[[Any], float]:
+    return lambda d: min(d["loss_curve"], key=lambda r: abs(r["step"] - step))["loss"]
+
+
+_ROOT = [REPO]  # the tree being checked (check_all sets it), for checks that read a second JSON
+
+
+def _load(name: str) -> Any:
+    return json.loads((_ROOT[0] / RESULTS / name).read_text(encoding="utf-8"))
+
+
+def _pd(t0: int, key: str) -> Callable[[Any], float]:
+    return lambda d: pct(next(r for r in d["rows"] if r["t0"] == t0)[key])
+
+
+def _sbs(config: str, *keys: str) -> Callable[[Any], float]:
+    def get(d: Any) -> float:
+        v = d["configs"][config]["summary"]
+        for k in keys:
+            v = v[k]
+        return v
+    return get
+
+
+def _build(i: int) -> Callable[[Any], float]:
+    return lambda d: d["results"][i]["seconds_best"]
+
+
+def _loader(key: str, pick: Callable[[list], float], budget: bool | None = None) -> Callable[[Any], float]:
+    """QM9, one process; budget True / False: token-budget / fixed-size batches only."""
+    def keep(r: dict) -> bool:
+        return (r["data"] == "QM9 train" and "world_size" not in r
+                and (budget is None or ("max_atoms_per_batch" in r) == budget))
+    return lambda d: pick([r[key] for r in d["results"] if keep(r)])
+
+
+def _train(config: str, nproc: int, key: str) -> Callable[[Any], float]:
+    return lambda d: next(r[key] for r in d["results"] if r["config"] == config and r["nproc"] == nproc)
+
+
+def _kernel(kernel: str, shape: str, mode: str, variant: str, key: str) -> Callable[[Any], float]:
+    return lambda d: next(r for r in d["results"] if (r["kernel"], r["shape"], r["mode"]) == (kernel, shape, mode)
+                          )["variants"][variant][key]
+
+
+def _regs(kernel: str) -> Callable[[Any], float]:
+    return lambda d: next(r["registers"] for r in d if r["kernel"] == kernel)
+
+
+def _gemm(threads: int, key: str, pick: Callable[[list], float]) -> Callable[[Any], float]:
+    return lambda d: pick([r[key] for r in d["rows"] if r["threads"] == threads])
+
+
+def _lc_checks(doc: str) -> list[Check]:
+    """The 2-hour learning-curve table of docs/model.md: one row per (kind, evaluation)."""
+    out = []
+    for kind in ("symdiff", "dit", "dit_aug", "symdiff_haar"):
+        for i, minutes in ((0, 60), (1, 120)):
+            out.append(Check(doc, rf"re:^\| {kind} \| [\d,]+ \| {minutes} \|", f"learning_curve_qm9_tiny_{kind}_2h.json", (
+                (_lc(i, "step"), "{:,.0f}"), (_lc_loss(i), "{:.3f}"),
+                (lambda d, i=i: pct(d["evals"][i]["atom_stability"]), "{:.1f}%"),
+                (lambda d, i=i: pct(d["evals"][i]["mol_stability"]), "{:.1f}%"),
+                (lambda d, i=i: pct(d["evals"][i]["validity"]), "{:.1f}%"),
+                (lambda d, i=i: pct(d["evals"][i]["uniqueness"]), "{:.1f}%"))))
+    return out
+
+
+def _pd_checks(doc: str) -> list[Check]:
+    """The partial-denoising table of docs/model.md: one check per (t0, kind) cell."""
+    out = []
+    for t0 in (10, 50, 100, 200):
+        for kind in ("symdiff", "dit", "dit_aug", "symdiff_haar"):
+            out.append(Check(doc, rf"re:^\| {t0} \|", f"partial_denoise_qm9_tiny_{kind}_120min.json", (
+                (_pd(t0, "atom_stability"), "{:.1f}%"), (_pd(t0, "mol_stability"), "{:.1f}%"))))
+    return out
+
+
+def _kernel_rows(doc: str) -> list[Check]:
+    rows = [("gaussian", "qm9", "(256, 29)"), ("gaussian", "geom", "(6, 181)"), ("com", "qm9", "(256, 29)"),
+            ("com", "geom", "(64, 181)"), ("com", "stream", "(179597, 29)"), ("qr", "qm9", "(256, -)"),
+            ("qr", "geom", "(64, -)"), ("qr", "stream", "(179597, -)")]
+    out = []
+    for kernel, shape, dims in rows:
+        for mode in ("fwd", "fwd+bwd"):
+            out.append(Check(doc, f"| {kernel} | {shape} {dims} | {mode} |", "kernels_cpu_2026-11-25.json", (
+                (_kernel(kernel, shape, mode, "eager", "median_ms"), "{:.4g}"),
+                (_kernel(kernel, shape, mode, "compiled", "median_ms"), "{:.4g}"),
+                (_kernel(kernel, shape, mode, "compiled", "speedup_vs_eager"), "{:.2f}x"),
+                (_kernel(kernel, shape, mode, "eager", "peak_MB"), "{:.4g}"),
+                (_kernel(kernel, shape, mode, "compiled", "peak_MB"), "{:.4g}"))))
+    return out
+
+
+def _sbs_row(doc: str, anchor: str, json_name: str, config: str, undisturbed: bool = False,
+             shares: bool = False) -> Check:
+    """A side-by-side figure: molecules/s of both sides and their ratio (over all timed steps, or undisturbed)."""
+    keys = ("undisturbed_steps",) if undisturbed else ()
+    values = [(_sbs(config, *keys, "project_molecules_per_s"), "{:.1f}"),
+              (_sbs(config, *keys, "official_molecules_per_s"), "{:.1f}"),
+              (_sbs(config, *keys, "ratio_project_over_official"), "{:.2f}x")]
+    if shares:  # the range of the per-pass means of other processes' share of the machine, each side
+        for side in ("official", "project"):
+            for pick in (min, max):
+                values.append((lambda d, side=side, pick=pick: pick(
+                    r["mean_foreign_cpu"] for r in d["configs"][config][side]), "{:.2f}"))
+    return Check(doc, anchor, json_name, tuple(values))
+
+
+def _load_range(config: str, pick: Callable, *names: str) -> Callable[[Any], float]:
+    """The 1-minute load average before/after every run of a config, over one or more side-by-side files."""
+    return lambda d: pick(r[k][0] for n in names for side in ("official", "project")
+                          for r in _load(n)["configs"][config][side]
+                          for k in ("load_average_before", "load_average_after"))
+
+
+def _speed_checks(doc: str) -> list[Check]:
+    """The own-timing table of docs/model.md: two runs of bench_model_speed.py, one JSON each."""
+    out = []
+    for name in ("model_speed_2026-11-25_onednn.json", "model_speed_2026-11-25_onednn_run2.json"):
+        for config, label in (("qm9_symdiff_s", "SymDiff+ "), ("qm9_symdiff_l", "SymDiff+++ ")):
+            c = lambda d, config=config: d["configs"][config]
+            out.append(Check(doc, f"| {label}training step, batch 64 |", name, (
+                (lambda d, c=c: c(d)["train"]["s_per_step_median"], "{:.3f}"),
+                (lambda d, c=c: c(d)["train"]["mol_per_s"], "{:.1f}"),
+                (lambda d, c=c: c(d)["train_linear_aten"]["mol_per_s"], "{:.1f}"))))
+            out.append(Check(doc, f"| {label}sampling, 1,000 steps, batch 100 (sorted", name, (
+                (lambda d, c=c: c(d)["sample_sorted"]["s_per_molecule_1000_steps"], "{:.2f}"),)))
+        out.append(Check(doc, "per-token layers run on real atoms only", name, (
+            (lambda d: pct(d["configs"]["qm9_symdiff_s"]["train"]["padding_fraction_mean"]), "{:.0f}% padding"),)))
+    both = ("model_speed_2026-11-25_onednn.json", "model_speed_2026-11-25_onednn_run2.json")
+
+    def span(key: str, pick: Callable[[list], float]) -> Callable[[Any], float]:
+        return lambda d: pick([_load(n)["configs"][c][key] for n in both for c in ("qm9_symdiff_s", "qm9_symdiff_l")])
+    out.append(Check(doc, "dense layers (`kernels/linear.py`, docs/kernels.md) made training", both[0], (
+        (span("speedup_train_vs_linear_aten", min), "{:.2f}"), (span("speedup_train_vs_linear_aten", max), "{:.2f}x"))))
+    out.append(Check(doc, "faster in CPU time than torch's own GEMMs", both[0], (
+        (span("speedup_train_cpu_s_vs_linear_aten", min), "{:.2f}"),
+        (span("speedup_train_cpu_s_vs_linear_aten", max), "{:.2f}x"))))
+    out.append(Check(doc, "measured 97.7 mol/s for SymDiff+", "model_speed_2026-11-25_quiet.json", (
+        (lambda d: d["configs"]["qm9_symdiff_s"]["train"]["mol_per_s"], "{:.1f} mol/s for SymDiff+"),)))
+    out.append(Check(doc, "mol/s for SymDiff+++ (`model_speed", "model_speed_2026-11-25_quiet.json", (
+        (lambda d: d["configs"]["qm9_symdiff_l"]["train"]["mol_per_s"], "{:.1f} mol/s for SymDiff+++"),)))
+    return out
+
+
+SIDE_BY_SIDE = "side_by_side_2026-12-01.json"
+SIDE_BY_SIDE_2 = "side_by_side_2026-12-01_run2.json"
+
+CHECKS: list[Check] = [
+    # ------------------------------------------------------------------ README "Measured"
+    Check("README.md", "| EDM metrics, full QM9 test split", "eval_qm9_test_data_row.json", (
+        (lambda d: d["atom_stability"], "{:.5f}"), (lambda d: d["mol_stability"], "{:.5f}"),
+        (lambda d: d["validity"], "{:.5f}"), (lambda d: d["uniqueness"], "{:.3f}"))),
+    Check("README.md", "| GEOM-Drugs sample (503 conformers)", "eval_geom_sample_file_bonds.json", (
+        (lambda d: d["side_by_side"]["edm"]["atom_stability"], "{:.4f}"),
+        (lambda d: d["side_by_side"]["revised"]["mol_stability"], "{:.3f}"))),
+    Check("README.md", "| evaluation of 10,000 QM9 molecules", "eval_speed.json", (
+        (lambda d: min(d["cli_qm9_wall_s"]), "{:.1f}"), (lambda d: max(d["cli_qm9_wall_s"]), "{:.1f}"),
+        (lambda d: statistics.median(d["cli_qm9_cpu_s"]), "{:.1f}"))),
+    Check("README.md", "| loader, QM9, one process", "data_loader.json", (
+        (_loader("molecules_per_s_median", lambda v: min(v) / 1000), "{:.0f},000"),
+        (_loader("molecules_per_s_median", lambda v: max(v) / 1000), "{:.0f},000"))),
+    Check("README.md", "| shard build, full QM9 from npz", "data_build.json", (
+        (_build(0), "{:.3f}"), (_build(1), "{:.3f}"))),
+    Check("README.md", "| training, qm9_tiny, ZeRO-2", "train_cpu_2026-11-25.json", (
+        (_train("qm9_tiny", 1, "it_per_s"), "{:.1f}"), (_train("qm9_tiny", 1, "molecules_per_s"), "{:.0f}"),
+        (_train("qm9_tiny", 2, "it_per_s"), "{:.1f}"), (_train("qm9_tiny", 2, "molecules_per_s"), "{:.0f}"))),
+    _sbs_row("README.md", "| training step, SymDiff+ ", SIDE_BY_SIDE, "symdiff_plus"),
+    _sbs_row("README.md", "| training step, SymDiff+ ", SIDE_BY_SIDE_2, "symdiff_plus"),
+    _sbs_row("README.md", "| training step, SymDiff+++", SIDE_BY_SIDE, "symdiff_ppp", undisturbed=True),
+    Check("README.md", "| learning curve, qm9_tiny", "learning_curve_qm9_tiny_symdiff_2h.json", (
+        (lambda d: pct(d["evals"][1]["atom_stability"]), "{:.1f}"), (lambda d: pct(d["evals"][1]["mol_stability"]),
+                                                                     "{:.1f}"),
+        (lambda d: d["evals"][1]["sampling_steps"], "{:.0f}-step"), (lambda d: d["evals"][1]["n_samples"], "{:,.0f}"))),
+    *[Check("README.md", "| learning curve, qm9_tiny", f"learning_curve_qm9_tiny_{k}_2h.json", (
+        (lambda d: pct(d["evals"][1]["atom_stability"]), "{:.1f}"),
+        (lambda d: pct(d["evals"][1]["mol_stability"]), "{:.1f}"),
+        (lambda d: d["evals"][1]["step"] / 1000, "{:.0f}k"))) for k in ("symdiff", "dit", "dit_aug", "symdiff_haar")],
+    # ------------------------------------------------------------------ docs/eval.md
+    Check("docs/eval.md", "| QM9 EDM test split, 13,083 molecules | EDM |", "eval_qm9_test_data_row.json", tuple(
+        (lambda d, k=k: pct(d[k]), "{:.2f} %") for k in ("atom_stability", "mol_stability", "validity", "uniqueness",
+                                                        "novelty"))),
+    Check("docs/eval.md", "| same, bonds from `qm9_rdkit_graphs.npz` | revised |", "eval_qm9_test_revised.json", tuple(
+        (lambda d, k=k: pct(d[k]), "{:.2f} %") for k in ("atom_stability", "mol_stability", "validity", "uniqueness",
+                                                        "novelty"))),
+    Check("docs/eval.md", "| GEOM-Drugs sample, 503 conformers of 10 molecules | EDM |",
+          "eval_geom_sample_file_bonds.json", tuple(
+              (lambda d, k=k: pct(d["side_by_side"]["edm"][k]), "{:.2f} %")
+              for k in ("atom_stability", "mol_stability", "validity", "uniqueness"))),
+    Check("docs/eval.md", "| same, bonds from the stored graphs | revised |", "eval_geom_sample_file_bonds.json",
+          tuple((lambda d, k=k: pct(d["side_by_side"]["revised"][k]), "{:.2f} %")
+                for k in ("atom_stability", "mol_stability", "validity", "uniqueness"))
+          + ((lambda d: pct(d["side_by_side"]["revised"]["novelty"]), "{:.0f} %"),)),
+    Check("docs/eval.md", "| same, bonds assigned from 3D | revised |", "eval_geom_sample_3d_bonds.json", tuple(
+        (lambda d, k=k: pct(d[k]), "{:.2f} %") for k in ("atom_stability", "mol_stability", "validity", "uniqueness"))
+          + ((lambda d: pct(d["novelty"]), "{:.0f} %"),)),
+    Check("docs/eval.md", "comes back exactly from", "eval_bonds3d.json", (
+        (lambda d: pct(d["sets"]["nitro"]["plain_correct"] / d["sets"]["nitro"]["n"]), "{:.1f} %"),
+        (lambda d: d["sets"]["nitro"]["plain_correct"], "({:.0f})"),
+        (lambda d: pct(d["sets"]["nitro"]["fixed_correct"] / d["sets"]["nitro"]["n"]), "{:.1f} %"),
+        (lambda d: d["sets"]["nitro"]["fixed_correct"], "({:.0f})"))),
+    Check("docs/eval.md", "with total charge 0", "eval_geom_sample_3d_bonds.json", (
+        (lambda d: d["assigned_total_charges"]["0"], "({:.0f} with total charge 0"),
+        (lambda d: d["assigned_total_charges"]["1"], "{:.0f} protonated"))),
+    Check("docs/eval.md", "correct either way", "eval_bonds3d.json", (
+        (lambda d: d["sets"]["no_charged_atoms"]["plain_correct"], "{:.0f} correct"),
+        (lambda d: d["sets"]["no_charged_atoms"]["fixed_correct"], "{:.0f} correct"))),
+    Check("docs/eval.md", "cached in `.cache/eval/`", "eval_speed.json", (
+        (lambda d: d["novelty_cache_cold_build_s"], "{:.1f} s"),)),
+    # ------------------------------------------------------------------ docs/data.md
+    Check("docs/data.md", "train split this brings padding from", "data_loader.json", (
+        (_loader("padding_fraction", min, budget=False), "{:.2f}"), (_loader("padding_fraction", max, budget=False),
+                                                                     "{:.2f}"),
+        (_loader("padding_fraction", min, budget=True), "{:.2f}"), (_loader("padding_fraction", max, budget=True),
+                                                                    "{:.2f}"))),
+    Check("docs/data.md", "seconds per rank for the raw-xyz directory", "data_build.json", (
+        (lambda d: d["results"][2]["rank_cpu_seconds_last"][0], "{:.2f} s serial"),
+        (lambda d: d["results"][3]["rank_cpu_seconds_last"][0], "{:.2f}"),
+        (lambda d: d["results"][3]["rank_cpu_seconds_last"][1], "{:.2f} s per rank"))),
+    Check("docs/data.md", "s with 2 ranks); see", "data_build.json", (
+        (lambda d: d["results"][2]["seconds_best"], "{:.2f} s serial"),
+        (lambda d: d["results"][3]["seconds_best"], "{:.2f} s with 2 ranks"))),
+    Check("docs/data.md", "is about half the single-process rate", "data_loader.json", (
+        (lambda d: min(r["molecules_per_s_median"] for r in d["results"]
+                       if r["data"] == "QM9 train" and r.get("world_size") == 2) / 1000, "{:.0f},000"),
+        (lambda d: max(r["molecules_per_s_median"] for r in d["results"]
+                       if r["data"] == "QM9 train" and r.get("world_size") == 2) / 1000, "{:.0f},000"))),
+    # ------------------------------------------------------------------ docs/kernels.md
+    Check("docs/kernels.md", "- Gaussian forward:", "kernels_sm90_build_2026-11-25.json", (
+        (_regs("gaussian_fwd"), "{:.0f} registers"),)),
+    Check("docs/kernels.md", "- Gaussian backward:", "kernels_sm90_build_2026-11-25.json", (
+        (_regs("gaussian_bwd"), "{:.0f} registers"),)),
+    Check("docs/kernels.md", "- CoM:", "kernels_sm90_build_2026-11-25.json", (
+        (lambda d: min(r["registers"] for r in d if r["kernel"].startswith("com_")), "{:.0f}"),
+        (lambda d: max(r["registers"] for r in d if r["kernel"].startswith("com_")), "{:.0f} registers"))),
+    Check("docs/kernels.md", "- QR:", "kernels_sm90_build_2026-11-25.json", (
+        (_regs("qr_fwd"), "{:.0f} (forward)"), (_regs("qr_bwd"), "{:.0f} (backward)"))),
+    Check("docs/kernels.md", r"re:^\| 1 \| ", "linear_cpu_2026-11-25.json", (
+        (lambda d: d["summary"]["1"]["median_speedup_cpu"], "{:.2f}x"),
+        (_gemm(1, "speedup_cpu", min), "{:.2f}x"), (_gemm(1, "speedup_cpu", max), "{:.2f}x"),
+        (_gemm(1, "max_rel_diff", max), "{:.1e}"))),
+    Check("docs/kernels.md", r"re:^\| 2 \| ", "linear_cpu_2026-11-25.json", (
+        (lambda d: d["summary"]["2"]["median_speedup_cpu"], "{:.2f}x"),
+        (_gemm(2, "speedup_cpu", min), "{:.2f}x"), (_gemm(2, "speedup_cpu", max), "{:.2f}x"),
+        (_gemm(2, "max_rel_diff", max), "{:.1e}"))),
+    Check("docs/kernels.md", '"Ceilings" measured in that run', "kernels_cpu_2026-11-25.json", (
+        (lambda d: d["ceilings"]["copy_GBps"], "{:.1f} GB/s"),
+        (lambda d: 1000 * d["ceilings"]["matmul_fp32_TFLOPs"], "{:.0f} GFLOP/s"))),
+    Check("docs/kernels.md", "GEMMs of a SymDiff step, 1 thread) ran at", "linear_cpu_2026-11-25.json", (
+        (_gemm(1, "aten_gflops_cpu", min), "{:.0f}"), (_gemm(1, "aten_gflops_cpu", max), "{:.0f}"),
+        (_gemm(1, "onednn_gflops_cpu", min), "{:.0f}"), (_gemm(1, "onednn_gflops_cpu", max), "{:.0f}"))),
+    Check("docs/kernels.md", "GEMMs of a SymDiff step, 1 thread) ran at", "linear_cpu_2026-11-25.json", (
+        (lambda d: min(r["aten_gflops_cpu"] for r in d["rows"] if r["threads"] == 1)
+         / (1000 * _load("kernels_cpu_2026-11-25.json")["ceilings"]["matmul_fp32_TFLOPs"]), "{:.1f}"),
+        (lambda d: max(r["onednn_gflops_cpu"] for r in d["rows"] if r["threads"] == 1)
+         / (1000 * _load("kernels_cpu_2026-11-25.json")["ceilings"]["matmul_fp32_TFLOPs"]), "{:.1f}x"))),
+    Check("docs/kernels.md", "SymDiff+ 1.19-1.21x faster in wall time", "model_speed_2026-11-25_onednn.json", (
+        (lambda d: d["configs"]["qm9_symdiff_s"]["speedup_train_vs_linear_aten"], "{:.2f}"),
+        (lambda d: d["configs"]["qm9_symdiff_s"]["speedup_train_cpu_s_vs_linear_aten"], "{:.2f}"))),
+    Check("docs/kernels.md", "SymDiff+ 1.19-1.21x faster in wall time", "model_speed_2026-11-25_onednn_run2.json", (
+        (lambda d: d["configs"]["qm9_symdiff_s"]["speedup_train_vs_linear_aten"], "{:.2f}x"),
+        (lambda d: d["configs"]["qm9_symdiff_s"]["speedup_train_cpu_s_vs_linear_aten"], "{:.2f}x"))),
+    *_kernel_rows("docs/kernels.md"),
+    # ------------------------------------------------------------------ docs/model.md
+    _sbs_row("docs/model.md", "| SymDiff+ training, molecules/s, run 1 |", SIDE_BY_SIDE, "symdiff_plus", shares=True),
+    _sbs_row("docs/model.md", "| SymDiff+ training, molecules/s, run 2 |", SIDE_BY_SIDE_2, "symdiff_plus",
+             shares=True),
+    _sbs_row("docs/model.md", "| SymDiff+++ training, molecules/s, all steps |", SIDE_BY_SIDE, "symdiff_ppp",
+             shares=True),
+    _sbs_row("docs/model.md", "| SymDiff+++ training, molecules/s, undisturbed steps |", SIDE_BY_SIDE, "symdiff_ppp",
+             undisturbed=True),
+    Check("docs/model.md", "official steps and", SIDE_BY_SIDE, (
+        (lambda d: sum(r["undisturbed"]["steps"] for r in d["configs"]["symdiff_ppp"]["official"]), "{:.0f} official"),
+        (lambda d: sum(r["undisturbed"]["steps"] for r in d["configs"]["symdiff_ppp"]["project"]), "{:.0f} of the"),
+        (lambda d: d["configs"]["symdiff_ppp"]["summary"]["undisturbed_steps"]["passes_with_such_steps"][0],
+         "in {:.0f} passes"))),
+    Check("docs/model.md", "the same load all through (load average", SIDE_BY_SIDE, (
+        (_load_range("symdiff_plus", min, SIDE_BY_SIDE, SIDE_BY_SIDE_2), "{:.1f}"),
+        (_load_range("symdiff_plus", max, SIDE_BY_SIDE, SIDE_BY_SIDE_2), "{:.1f})"))),
+    Check("docs/model.md", "The project's first two passes had the machine", SIDE_BY_SIDE, (
+        (_load_range("symdiff_ppp", min, SIDE_BY_SIDE), "{:.1f}"),
+        (_load_range("symdiff_ppp", max, SIDE_BY_SIDE), "{:.1f})"))),
+    *_speed_checks("docs/model.md"),
+    *_lc_checks("docs/model.md"),
+    *_pd_checks("docs/model.md"),
+    Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_symdiff_haar_120min.json", (
+        (_pd(0, "atom_stability"), "{:.1f}"), (_pd(0, "mol_stability"), "{:.1f}"))),
+    Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_dit_120min.json", (
+        (_pd(0, "atom_stability"), "{:.1f}"), (_pd(0, "mol_stability"), "{:.0f}"))),
+    Check("docs/model.md", "so `symdiff` managed", "learning_curve_qm9_tiny_symdiff_2h.json", (
+        (lambda d: d["train_s_per_step"], "{:.3f} s per step"),)),
+    Check("docs/model.md", "and ran at", "learning_curve_qm9_tiny_symdiff_haar_2h.json", (
+        (lambda d: d["train_s_per_step"], "{:.3f}"),)),
+    Check("docs/model.md", "and ran at", "learning_curve_qm9_tiny_dit_aug_2h.json", (
+        (lambda d: d["train_s_per_step"], "{:.3f} s per step"),)),
+    Check("docs/model.md", "more steps than `symdiff`", "learning_curve_qm9_tiny_dit_2h.json", (
+        (lambda d: pct(d["steps"] / _load("learning_curve_qm9_tiny_symdiff_2h.json")["steps"] - 1), "{:.0f}%"),)),
+    Check("docs/model.md", "more steps than `symdiff`", "learning_curve_qm9_tiny_dit_aug_2h.json", (
+        (lambda d: pct(d["steps"] / _load("learning_curve_qm9_tiny_dit_2h.json")["steps"] - 1), "{:.0f}%"),)),
+    *[Check("docs/model.md", "Molecule stability is", f"learning_curve_qm9_tiny_{k}_2h.json", (
+        (lambda d, i=i: pct(d["evals"][i]["atom_stability"]), "{:.1f}%"),
+        (lambda d, i=i: d["evals"][i]["step"] / 1000, "({:.0f}k)"))) for k, i in
+      (("symdiff", 1), ("symdiff_haar", 0), ("dit_aug", 0), ("dit", 1))],
+    Check("docs/model.md", "loss went from", "learning_curve_qm9_tiny_symdiff_2h.json", (
+        (_loss_at(10000), "{:.3f} at step 10k"), (_loss_at(50000), "{:.3f} at 50k"))),
+    Check("docs/model.md", "loss went from", "learning_curve_qm9_tiny_symdiff_haar_2h.json", (
+        (_loss_at(10000), "from {:.3f} at 10k"), (_loss_at(87000), "{:.3f} at 87k"))),
+    *[Check("docs/model.md", "Two hours here is", f"learning_curve_qm9_tiny_{k}_2h.json", (
+        (lambda d: d["steps"] * d["batch_size"] / 100_000, "{:.0f}"),)) for k in ("symdiff", "symdiff_haar")],
+    Check("docs/model.md", "stability as the 250-step sampler", "rescore_qm9_tiny_symdiff_60min_1000_vs_250_steps.json",
+          ((lambda d: pct(d["rescores"][0]["atom_stability"]), "{:.1f}%"),
+           (lambda d: pct(d["rescores"][1]["atom_stability"]), "{:.1f}%"))),
+]
+
+
+# Figures quoted from the peer's own record rather than from a JSON here: each must appear in that file. Skipped
+# where ../shared is absent (a fresh clone).
+PEER_README = REPO.parent / "shared" / "peers" / "symdiff_official" / "README.md"
+PEER_QUOTES: list[tuple[str, str, tuple[str, ...]]] = [
+    ("docs/model.md", "from that file, and this repository has no JSON", ("0.93", "1.09")),
+    ("docs/model.md", "Sampling, 1,000 steps at batch 100: the project was", ("1.94", "1.80")),
+    ("docs/model.md", "SymDiff+ and 1.60x / 1.51x for SymDiff+++", ("1.60", "1.51")),
+    ("docs/model.md", "(SymDiff+ with ACTIVE:", ("1.20x",)),
+    ("docs/model.md", "project at commit", ("36eae88",)),
+    ("README.md", "| training step, SymDiff+ ", ("0.93",)),
+    ("README.md", "| training step, SymDiff+++", ("1.09",)),
+    ("README.md", "| sampling, 1,000 steps, batch 100, side by side", ("1.94", "1.80", "1.60", "1.51")),
+]
+
+
+def peer_quotes(root: Path, peer_readme: Path = PEER_README) -> list[str]:
+    if not peer_readme.is_file():
+        return []
+    peer = peer_readme.read_text(encoding="utf-8")
+    errors = []
+    for doc, anchor, figures in PEER_QUOTES:
+        found = _line_and_section((root / doc).read_text(encoding="utf-8"), anchor)
+        if found is None:
+            errors.append(f"{doc}: no single line holds '{anchor}'")
+            continue
+        for fig in figures:
+            if not _contains_number(found[0], fig):
+                errors.append(f"{doc}: '{anchor}': the line no longer quotes {fig}")
+            elif not _contains_number(peer, fig):
+                errors.append(f"{doc}: '{anchor}': {fig} is not in {peer_readme}")
+    return errors
+
+
+def _fmt(fmt: str, value: float) -> str:
+    return re.sub(r"e([-+])0*(\d)", r"e\1\2", fmt.format(value)).replace("e+", "e")  # 1.3e-06 -> 1.3e-6
+
+
+def _line_and_section(text: str, anchor: str) -> tuple[str, str] | None:
+    """The one line holding the anchor, and the text of its section (heading to heading)."""
+    lines = text.splitlines()
+    hits = [i for i, ln in enumerate(lines) if _anchor_match(anchor, ln)]
+    if len(hits) != 1:
+        return None
+    i = hits[0]
+    start = max([j for j in range(i + 1) if lines[j].startswith("#")], default=0)
+    end = min([j for j in range(i + 1, len(lines)) if lines[j].startswith("#")], default=len(lines))
+    return lines[i], "\n".join(lines[start:end])
+
+
+def _anchor_match(anchor: str, line: str) -> bool:
+    return re.search(anchor[3:], line) is not None if anchor.startswith("re:") else anchor in line
+
+
+def _names(section: str, json_name: str) -> bool:
+    """The section names the file, literally or by a pattern such as learning_curve_qm9_tiny_<kind>_2h.json."""
+    if json_name in section:
+        return True
+    for pattern in re.findall(r"[\w\-<>|]*<[\w|]+>[\w\-<>|]*\.json\b", section):
+        rx = "".join("[^/]+" if part.startswith("<") else re.escape(part)
+                     for part in re.split(r"(<[\w|]+>)", pattern))
+        if re.fullmatch(rx, json_name):
+            return True
+    return False
+
+
+def _contains_number(line: str, shown: str) -> bool:
+    # a figure matches only as a whole: "0.76" must not match inside "10.764", nor "76.7" inside "76.75"
+    return re.search(r"(?<![\d.,])" + re.escape(shown) + r"(?![\d])", line) is not None
+
+
+def run_check(check: Check, root: Path) -> list[str]:
+    doc_path, json_path = root / check.doc, root / RESULTS / check.json
+    if not doc_path.is_file():
+        return [f"{check.doc}: missing"]
+    if not json_path.is_file():
+        return [f"{check.doc}: '{check.anchor}' quotes {RESULTS / check.json}, which does not exist"]
+    found = _line_and_section(doc_path.read_text(encoding="utf-8"), check.anchor)
+    if found is None:
+        return [f"{check.doc}: no single line holds '{check.anchor}'"]
+    line, section = found
+    errors = []
+    if not _names(section, check.json):
+        errors.append(f"{check.doc}: '{check.anchor}': {check.json} is not named in the line or its section")
+    data = json.loads(json_path.read_text(encoding="utf-8"))
+    for n, (get, fmt) in enumerate(check.values):
+        try:
+            shown = _fmt(fmt, get(data))
+        except (KeyError, IndexError, TypeError, ValueError, StopIteration) as exc:
+            errors.append(f"{check.doc}: '{check.anchor}': {check.json} lacks value {n + 1} ({exc!r})")
+            continue
+        if not _contains_number(line, shown):
+            errors.append(f"{check.doc}: '{check.anchor}': {check.json} holds {shown}, the line says: {line.strip()}")
+    return errors
+
+
+# How result files are named (a bare name in a document is taken for one when it looks like this).
+RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side)_[\w.\-]+\.json$"
+
+
+def named_results(root: Path) -> list[str]:
+    """Every benchmarks/results/*.json a document names must exist."""
+    errors = []
+    for doc in DOCS:
+        path = root / doc
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8")
+        for prefix, name in sorted(set(re.findall(r"(benchmarks/results/)?([\w.\-]+\.json)\b", text))):
+            if not prefix and not re.match(RESULT_NAME, name):
+                continue  # not a result file (manifest.json, a config, an output the user names)
+            if not (root / RESULTS / name).is_file():
+                errors.append(f"{doc}: names {RESULTS / name}, which does not exist")
+    return errors
+
+
+def check_all(root: Path = REPO) -> list[str]:
+    _ROOT[0] = root
+    errors = named_results(root) + peer_quotes(root)
+    for check in CHECKS:
+        errors += run_check(check, root)
+    return errors
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--root", default=str(REPO), help="repository root (default: this checkout)")
+    errors = check_all(Path(ap.parse_args().root))
+    for e in errors:
+        print(e)
+    print(f"{len(CHECKS)} checks, {len(errors)} mismatches")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
