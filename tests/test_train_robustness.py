@@ -172,6 +172,23 @@ def test_resume_applies_new_optimizer_and_schedule_settings(tmp_path, shards):
         assert float(ratio) == pytest.approx(0.2, rel=1e-3), name
 
 
+def test_resume_applies_a_new_clipping_norm_under_zero1(tmp_path, shards):
+    """DeepSpeed's ZeRO-1/2 optimizer restores its clipping norm from the checkpoint; the new one must win."""
+    base = tmp_path / "base"
+    train(base, shards, 1, "train.max_steps=2", "train.zero_stage=1")
+    same, clipped = tmp_path / "same", tmp_path / "clipped"
+    shutil.copytree(base, same)
+    shutil.copytree(base, clipped)
+    train(same, shards, 1, "train.max_steps=3", "train.zero_stage=1")
+    out = train(clipped, shards, 1, "train.max_steps=3", "train.zero_stage=1", "train.clip_grad_norm=1e-6")
+    assert "train.clip_grad_norm 2.0 -> 1e-06" in out
+    w2 = ckpt.fp32_weights(base / "checkpoints" / ckpt.tag_for(2))
+    ref = _update(w2, ckpt.fp32_weights(same / "checkpoints" / ckpt.tag_for(3)))
+    upd = _update(w2, ckpt.fp32_weights(clipped / "checkpoints" / ckpt.tag_for(3)))
+    # Adam's moments mix the clipped gradient (norm 1e-6) with the earlier, unclipped ones: a much smaller step.
+    assert float(upd.norm()) < 0.9 * float(ref.norm())
+
+
 def test_amsgrad_change_on_resume_is_refused(tmp_path, shards):
     """amsgrad changes what the optimizer state holds: refused by name, while lr and the like are applied."""
     from symdiff.config import load_config, to_dict

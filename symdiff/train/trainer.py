@@ -106,15 +106,18 @@ def apply_optimizer_changes(engine, old_train: dict[str, Any], cfg: DictConfig, 
                             rank: int) -> dict[str, tuple[Any, Any]]:
     """Make the resumed optimizer and scheduler follow ``cfg.train``, not the checkpoint's values; say so loudly.
 
-    DeepSpeed restores each param group's lr/weight_decay/betas/eps from the checkpoint, so without this a new
-    ``train.lr`` would be recorded in config.yaml and silently not used. Gradient clipping is read from the engine's
-    config at every step, so a new ``train.clip_grad_norm`` needs no action. Warmup is counted in applied optimizer
-    steps since the start of the run. Returns {key: (old, new)} of what changed.
+    DeepSpeed restores each param group's lr/weight_decay/betas/eps from the checkpoint, and its ZeRO-1/2 and bf16
+    optimizers their clipping norm too, so without this a new ``train.lr`` would be recorded in config.yaml and
+    silently not used. Warmup is counted in applied optimizer steps since the start of the run. Returns
+    {key: (old, new)} of what changed.
     """
     t = cfg.train
     changed = {k: (old_train.get(k), t[k]) for k in APPLIED_ON_RESUME if k in old_train and old_train[k] != t[k]}
     params = ds_cfg["optimizer"]["params"]
-    groups = engine.optimizer.param_groups
+    opt = engine.optimizer
+    groups = opt.param_groups
+    if getattr(opt, "clip_grad", None) not in (None, float(ds_cfg["gradient_clipping"])):
+        opt.clip_grad = float(ds_cfg["gradient_clipping"])  # stage 0 and ZeRO-3 read the engine's config instead
     for key in ("weight_decay", "betas", "eps"):
         want = tuple(params[key]) if key == "betas" else params[key]
         for g in groups:
