@@ -1,4 +1,4 @@
-"""Every figure the README and docs/ quote from benchmarks/results/ equals what its JSON holds (tools/check_doc_numbers.py)."""
+"""Every figure the README and docs/ quote from benchmarks/results/ equals its JSON (tools/check_doc_numbers.py)."""
 from __future__ import annotations
 
 import importlib.util

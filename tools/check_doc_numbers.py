@@ -104,7 +104,8 @@ def _lc_checks(doc: str) -> list[Check]:
     out = []
     for kind in ("symdiff", "dit", "dit_aug", "symdiff_haar"):
         for i, minutes in ((0, 60), (1, 120)):
-            out.append(Check(doc, rf"re:^\| {kind} \| [\d,]+ \| {minutes} \|", f"learning_curve_qm9_tiny_{kind}_2h.json", (
+            row = rf"re:^\| {kind} \| [\d,]+ \| {minutes} \|"  # kind, any step count, minutes
+            out.append(Check(doc, row, f"learning_curve_qm9_tiny_{kind}_2h.json", (
                 (_lc(i, "step"), "{:,.0f}"), (_lc_loss(i), "{:.3f}"),
                 (lambda d, i=i: pct(d["evals"][i]["atom_stability"]), "{:.1f}%"),
                 (lambda d, i=i: pct(d["evals"][i]["mol_stability"]), "{:.1f}%"),
