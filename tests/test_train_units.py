@@ -150,3 +150,21 @@ def test_run_dir_lock_names_its_holder_and_is_released_when_the_holder_dies(tmp_
         assert json.loads((tmp_path / "train.lock").read_text())["pid"] == os.getpid()
         with pytest.raises(UserError, match=f"pid {os.getpid()},"):
             RunDirLock(tmp_path).acquire()  # a second lock in the same process is refused too
+
+
+def test_a_file_system_error_in_rank0s_preflight_is_one_user_error_for_every_rank():
+    import torch.distributed as dist
+
+    from symdiff.train.launch import free_port
+    from symdiff.train.trainer import _on_rank0
+
+    def fails():
+        raise PermissionError(13, "Permission denied", "/runs/x/train.lock")
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(UserError, match=r"^/runs/x/train.lock: Permission denied$"):
+            _on_rank0(fails, 0)
+        assert _on_rank0(lambda: 42, 0) == 42
+    finally:
+        dist.destroy_process_group()

@@ -350,9 +350,9 @@ def save(engine, ckpt_dir: Path, step: int, common: dict[str, Any], per_rank: di
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         dist.barrier()  # nobody goes on before the temporary directory is gone
-        raise CheckpointError(f"{final}: cannot write the checkpoint ({error}; {free}); "
-                              f"removed the partial files; the previous checkpoint "
-                              f"{previous[-1] if previous else '(none)'} is intact")
+        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"
+        raise CheckpointError(f"{final}: cannot write the checkpoint ({error}; {free}); removed the partial files; "
+                              f"{kept}")
     return final
 
 

@@ -239,13 +239,18 @@ def _preflight(cfg: DictConfig, run_dir: Path, resume: str, lock: RunDirLock) ->
 
 
 def _on_rank0(fn, rank: int) -> Any:
-    """``fn()`` on rank 0, its result (or its UserError, re-raised) on every rank."""
+    """``fn()`` on rank 0, its result (or its UserError, re-raised) on every rank.
+
+    A file-system error (permissions, a full disk) becomes a UserError too: raised on rank 0 alone it would leave
+    the other ranks waiting in the broadcast until the process-group timeout."""
     box: list[Any] = [None]
     if rank == 0:
         try:
             box[0] = ("ok", fn())
         except UserError as exc:
             box[0] = ("error", str(exc))
+        except OSError as exc:
+            box[0] = ("error", f"{exc.filename or 'run directory'}: {exc.strerror or exc}")
     dist.broadcast_object_list(box, src=0)
     if box[0][0] == "error":
         raise UserError(box[0][1])
