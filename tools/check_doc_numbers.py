@@ -356,6 +356,10 @@ CHECKS: list[Check] = [
         (_loss_at(10000), "from {:.3f} at 10k"), (_loss_at(87000), "{:.3f} at 87k"))),
     *[Check("docs/model.md", "Two hours here is", f"learning_curve_qm9_tiny_{k}_2h.json", (
         (lambda d: d["steps"] * d["batch_size"] / 100_000, "{:.0f}"),)) for k in ("symdiff", "symdiff_haar")],
+    Check("docs/training.md", "alternating passes in one run on", "bench_precision_cpu.json", (
+        (lambda d: d["median"]["fp32"]["it_per_s"], "fp32 {:.2f} it/s"),
+        (lambda d: d["median"]["bf16"]["it_per_s"], "bf16 {:.2f} it/s"),
+        (lambda d: d["bf16_over_fp32_it_per_s"], "({:.2f}x)"))),
     Check("docs/model.md", "stability as the 250-step sampler", "rescore_qm9_tiny_symdiff_60min_1000_vs_250_steps.json",
           ((lambda d: pct(d["rescores"][0]["atom_stability"]), "{:.1f}%"),
            (lambda d: pct(d["rescores"][1]["atom_stability"]), "{:.1f}%"))),
