@@ -203,7 +203,7 @@ def test_usr1_checkpoints_requeues_and_resumes_to_the_same_result(
     stopped_at = [s for s in saved if s not in (100, 200)]
     assert len(stopped_at) == 1 and 5 <= stopped_at[0] < TRAIN_STEPS, saved
     # One appended log holds all three starts (job <id>.<restart>) and the requeue decisions between them.
-    assert "signal arrived during start-up" in log and "exiting with code 75 for requeue" in log
+    assert "signal arrived during start-up" in log and "SIGUSR1 received: checkpointed at step" in log and "exiting with code 75 (requeue" in log
     for restart in (1, 2):
         assert log.index(f"job {job}.{restart - 1}] stopped by a preemption signal: requeueing") < \
             log.index(f"job {job}.{restart}] nodes=1")
