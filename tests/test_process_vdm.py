@@ -66,3 +66,26 @@ def test_exported_checkpoint_from_before_the_split_loads_and_samples_the_same(tm
     xs, Zs, ms = model.sample(torch.tensor([3, 5, 4]), steps=5, generator=torch.Generator().manual_seed(16))
     assert torch.equal(xs, entry["out"]["sample5_x"]) and torch.equal(Zs, entry["out"]["sample5_Z"])
     assert torch.equal(ms, entry["out"]["sample5_mask"])
+
+
+def test_process_and_sampler_are_config_keys_checked_against_each_other():
+    from symdiff.config import ConfigError, load_config
+
+    cfg = load_config(None, ["data.root=unused"])
+    assert cfg.diffusion.process == "vdm" and cfg.sample.sampler == "auto"
+    with pytest.raises(ConfigError, match="diffusion.process"):
+        load_config(None, ["data.root=unused", "diffusion.process=bogus"])
+    with pytest.raises(ConfigError, match="sample.sampler"):
+        load_config(None, ["data.root=unused", "sample.sampler=bogus"])
+
+
+def test_denoiser_is_a_view_of_the_models_own_submodules_through_copies_and_casts():
+    """The engine (EMA copies, bf16 casts) sees the networks under their old names; the denoiser must follow."""
+    import copy
+
+    model = _model("symdiff_fp32")
+    for m in (model, copy.deepcopy(model), copy.deepcopy(model).double()):
+        assert m.denoiser.eps_net is m.eps_net and m.denoiser.gamma_net is m.gamma_net
+        assert m.denoiser.embedding is m.embedding
+    assert not any(k.startswith(("denoiser.", "process.")) for k in model.state_dict())
+    assert model.process.timesteps == model.timesteps == 1000 and model.schedule is model.process.schedule

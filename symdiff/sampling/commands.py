@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="molecules per batch (default: sample.batch_size)")
     parser.add_argument("--steps", type=int, default=None,
                         help="reverse steps; fewer than the diffusion's T uses a strided sampler (default: sample.steps)")
+    parser.add_argument("--sampler", default=None,
+                        help="the process's sampler (vdm: ancestral, ddim, dpmpp2m; default: sample.sampler, "
+                             "auto = the process's default)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: sample.seed)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--trust-pickle", action="store_true",
@@ -81,17 +84,23 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else int(cfg.sample.seed)
     if not 1 <= steps <= model.timesteps:
         raise UserError(f"--steps {steps}: must be in 1..{model.timesteps}")
+    sampler = args.sampler if args.sampler is not None else str(cfg.sample.sampler)
+    try:
+        sampler = model.process.check_sampler(sampler)
+    except ValueError as exc:
+        raise UserError(f"--sampler: {exc}") from None
     if args.n_atoms_from is not None:
         model.set_n_atoms_histogram(size_histogram_from_data(args.n_atoms_from, str(cfg.data.train_split),
                                                              str(cfg.data.dataset)))
         log.info("p(N): training-split histogram of %s (--n-atoms-from)", args.n_atoms_from)
     model.to(device)
     t0 = time.perf_counter()
-    mols = sample_molecules(model, n, batch_size=batch_size, steps=steps, seed=seed, progress=not args.no_progress)
+    mols = sample_molecules(model, n, batch_size=batch_size, steps=steps, seed=seed, progress=not args.no_progress,
+                            sampler=sampler)
     elapsed = time.perf_counter() - t0
     with writing(out, "--out"):  # the writers go through a temporary name
         write_molecules(out, mols)
-    log.info("wrote %d molecules (%d atoms) to %s in %.1f s (%.3f s/molecule, %d steps, %s)", len(mols),
-             int(mols.n_atoms.sum()), out, elapsed, elapsed / n, steps, device)
+    log.info("wrote %d molecules (%d atoms) to %s in %.1f s (%.3f s/molecule, %d %s steps, %s)", len(mols),
+             int(mols.n_atoms.sum()), out, elapsed, elapsed / n, steps, sampler, device)
     return 0
 
