@@ -124,6 +124,8 @@ class SampleConfig:
     steps: int = 1000
     # auto = the process's default (vdm: ancestral); PROCESS_SAMPLERS lists each process's samplers
     sampler: str = "auto"
+    # DDIM's noise scale: 0 = deterministic, 1 = the ancestral step's variance (symdiff/diffusion/vdm_samplers.py)
+    ddim_eta: float = 0.0
     use_ema: bool = True
     seed: int = 0
 
@@ -188,7 +190,7 @@ LINEAR_BACKENDS = ("auto", "onednn", "aten")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARAMETERIZATIONS = ("eps", "score", "flow")
 # Each process's samplers, the default first (symdiff/diffusion/ implements them).
-PROCESS_SAMPLERS = {"vdm": ("ancestral",)}
+PROCESS_SAMPLERS = {"vdm": ("ancestral", "ddim", "dpmpp2m")}
 
 RULES: dict[str, tuple[Check, str]] = {
     "data.dataset": _one_of(*DATASETS),
@@ -242,6 +244,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "sample.steps": _int_at_least(1),
     "sample.sampler": _one_of("auto", *sorted({s for v in PROCESS_SAMPLERS.values() for s in v})),
     "sample.seed": _int_at_least(0),
+    "sample.ddim_eta": ((lambda v: _finite(v) and 0 <= v <= 1), "a number in [0, 1]"),
 }
 
 

@@ -77,6 +77,10 @@ def test_process_and_sampler_are_config_keys_checked_against_each_other():
         load_config(None, ["data.root=unused", "diffusion.process=bogus"])
     with pytest.raises(ConfigError, match="sample.sampler"):
         load_config(None, ["data.root=unused", "sample.sampler=bogus"])
+    cfg = load_config(None, ["data.root=unused", "sample.sampler=dpmpp2m", "sample.ddim_eta=0.5"])
+    assert cfg.sample.sampler == "dpmpp2m" and cfg.sample.ddim_eta == 0.5
+    with pytest.raises(ConfigError, match="sample.ddim_eta"):
+        load_config(None, ["data.root=unused", "sample.ddim_eta=1.5"])
 
 
 def test_denoiser_is_a_view_of_the_models_own_submodules_through_copies_and_casts():

@@ -16,13 +16,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 import torch
 from torch import nn
 
-from symdiff.diffusion import edm
+from symdiff.diffusion import edm, vdm_samplers
 from symdiff.diffusion.schedule import NoiseSchedule
 
 if TYPE_CHECKING:  # the process only calls the denoiser; importing the models package here would be circular
     from symdiff.models.denoiser import DenoiseFn
 
-SAMPLERS = ("ancestral",)
+# The strided ancestral sampler of Algorithm 2 and the few-step samplers of vdm_samplers.py.
+SAMPLERS = ("ancestral", "ddim", "dpmpp2m")
 DEFAULT_SAMPLER = "ancestral"
 
 
@@ -189,13 +190,29 @@ class VDM(nn.Module):
 
     def sample(self, denoise: DenoiseFn, mask: torch.Tensor, dtype: torch.dtype, sampler: Optional[str] = None,
                steps: Optional[int] = None, progress: Any = None, generator: Optional[torch.Generator] = None,
-               **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw z_T from the prior, run ``sampler`` over ``steps`` steps, decode: (x normalised, class index)."""
+               ddim_eta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw z_T from the prior, run ``sampler`` over ``steps`` steps of the strided grid, decode.
+
+        Returns (x normalised, class index). ``ddim_eta`` is DDIM's noise scale (0 deterministic, 1 the
+        ancestral step); the other samplers ignore it. One network call per step plus the decoder's.
+        """
         sampler = self.check_sampler(sampler)
+        if not 0.0 <= float(ddim_eta) <= 1.0:
+            raise ValueError(f"ddim_eta {ddim_eta}: must be in [0, 1]")
         z = self.prior(mask, dtype, generator)
         times = edm.strided_times(self.timesteps, steps or self.timesteps)
-        for t, s in zip(times[:-1], times[1:]):
-            z = self.reverse_step(denoise, z, mask, t, s, generator=generator)
+        history: Optional[vdm_samplers.DPMHistory] = None
+        for i, (t, s) in enumerate(zip(times[:-1], times[1:])):
+            if sampler == "ancestral":
+                z = self.reverse_step(denoise, z, mask, t, s, generator=generator)
+            elif sampler == "ddim":
+                z = vdm_samplers.ddim_step(self, denoise, z, mask, t, s, ddim_eta=ddim_eta, generator=generator)
+            else:
+                # First order into t = 0 (lower_order_final): the last log-SNR step is the largest by far on
+                # this schedule, and extrapolating x-hat_0 across it costs more than it gains.
+                final = i == len(times) - 2
+                z, history = vdm_samplers.dpmpp2m_step(self, denoise, z, mask, t, s, None if final else history,
+                                                       generator=generator)
             if progress is not None:
                 progress.update(1)
         x, cls = self.decode(denoise, z, mask, generator=generator)

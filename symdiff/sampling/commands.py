@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None,
                         help="the process's sampler (vdm: ancestral, ddim, dpmpp2m; default: sample.sampler, "
                              "auto = the process's default)")
+    parser.add_argument("--ddim-eta", type=float, default=None,
+                        help="DDIM noise scale in [0, 1]: 0 deterministic, 1 the ancestral variance "
+                             "(default: sample.ddim_eta)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: sample.seed)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--trust-pickle", action="store_true",
@@ -89,6 +92,9 @@ def run(args: argparse.Namespace) -> int:
         sampler = model.process.check_sampler(sampler)
     except ValueError as exc:
         raise UserError(f"--sampler: {exc}") from None
+    ddim_eta = args.ddim_eta if args.ddim_eta is not None else float(cfg.sample.ddim_eta)
+    if not 0.0 <= ddim_eta <= 1.0:
+        raise UserError(f"--ddim-eta {ddim_eta}: must be in [0, 1]")
     if args.n_atoms_from is not None:
         model.set_n_atoms_histogram(size_histogram_from_data(args.n_atoms_from, str(cfg.data.train_split),
                                                              str(cfg.data.dataset)))
@@ -96,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     model.to(device)
     t0 = time.perf_counter()
     mols = sample_molecules(model, n, batch_size=batch_size, steps=steps, seed=seed, progress=not args.no_progress,
-                            sampler=sampler)
+                            sampler=sampler, ddim_eta=ddim_eta)
     elapsed = time.perf_counter() - t0
     with writing(out, "--out"):  # the writers go through a temporary name
         write_molecules(out, mols)
