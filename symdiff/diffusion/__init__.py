@@ -7,13 +7,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from symdiff.diffusion.flow import Flow
+from symdiff.diffusion.process import Process
 from symdiff.diffusion.schedule import NoiseSchedule, polynomial_alpha2
 from symdiff.diffusion.vdm import VDM
 
-PROCESSES = {"vdm": VDM}
+PROCESSES: dict[str, type[Process]] = {"vdm": VDM, "flow": Flow}
 
 
-def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> VDM:
+def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> Process:
     """The process ``cfg.diffusion.process`` names, for a state of 3 + ``d`` channels (``num_classes`` one-hot)."""
     dc = cfg.diffusion
     name = str(getattr(dc, "process", "vdm"))
@@ -24,4 +26,4 @@ def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> 
                            precision=float(dc.precision), backend=backend)
 
 
-__all__ = ["NoiseSchedule", "polynomial_alpha2", "VDM", "PROCESSES", "build_process"]
+__all__ = ["NoiseSchedule", "polynomial_alpha2", "Process", "VDM", "Flow", "PROCESSES", "build_process"]

@@ -14,9 +14,9 @@ import math
 from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
-from torch import nn
 
 from symdiff.diffusion import edm, vdm_samplers
+from symdiff.diffusion.process import Process
 from symdiff.diffusion.schedule import NoiseSchedule
 
 if TYPE_CHECKING:  # the process only calls the denoiser; importing the models package here would be circular
@@ -36,7 +36,7 @@ class Features(NamedTuple):
     integer: Optional[torch.Tensor]
 
 
-class VDM(nn.Module):
+class VDM(Process):
     """The vdm process: T discrete steps of the polynomial noise schedule, eps-parameterised."""
 
     name = "vdm"
@@ -141,11 +141,6 @@ class VDM(nn.Module):
     def _times(self, t_int: int | torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(t_int, device=z.device).long().expand(z.shape[0])
 
-    def _finish(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Project x back onto the CoM-free subspace and zero the padding."""
-        x = edm.remove_mean(z[..., :3], mask, self.backend)
-        return torch.cat([x, z[..., 3:]], dim=-1) * mask.to(z.dtype).unsqueeze(-1)
-
     def reverse_step(self, denoise: DenoiseFn, z_t: torch.Tensor, mask: torch.Tensor, t_int: int | torch.Tensor,
                      s_int: int | torch.Tensor, R: Optional[torch.Tensor] = None, R0: Optional[torch.Tensor] = None,
                      eta: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
@@ -219,9 +214,3 @@ class VDM(nn.Module):
         if progress is not None:
             progress.update(1)
         return x, cls
-
-    def check_sampler(self, sampler: Optional[str]) -> str:
-        sampler = self.default_sampler if sampler in (None, "", "auto") else str(sampler)
-        if sampler not in self.samplers:
-            raise ValueError(f"sampler '{sampler}' is not one of the {self.name} process's: {', '.join(self.samplers)}")
-        return sampler

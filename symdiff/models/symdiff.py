@@ -27,7 +27,7 @@ from symdiff.config import ConfigError
 from symdiff.data.elements import alphabet as get_alphabet
 from symdiff.diffusion import build_process, edm
 from symdiff.diffusion.schedule import NoiseSchedule
-from symdiff.diffusion.vdm import Features
+from symdiff.diffusion.vdm import VDM, Features
 from symdiff.errors import DataError
 from symdiff.models.denoiser import KINDS, Denoiser, EpsNet
 from symdiff.models.dit import Packing
@@ -123,7 +123,8 @@ class SymDiffModel(nn.Module):
             self.process = build_process(cfg, d=self.d, num_classes=self.num_classes, backend=self.backend)
         except ValueError as exc:
             raise ConfigError(f"diffusion.process: {exc}") from None
-        _check_sigma0(self.schedule, self.norm_cat, self.norm_int)
+        if isinstance(self.process, VDM):
+            _check_sigma0(self.schedule, self.norm_cat, self.norm_int)
         # Map Z -> class index on device; -1 marks elements outside the alphabet.
         lut = torch.full((128,), -1, dtype=torch.long)
         lut[list(self.alphabet.atomic_numbers)] = torch.arange(self.num_classes)
@@ -139,7 +140,9 @@ class SymDiffModel(nn.Module):
     # ------------------------------------------------------------------ sizes and p(N)
     @property
     def schedule(self) -> NoiseSchedule:
-        """The process's noise schedule (vdm)."""
+        """The process's noise schedule (vdm; the flow process has none)."""
+        if not isinstance(self.process, VDM):
+            raise NotImplementedError(f"the {self.process.name} process has no noise schedule")
         return self.process.schedule
 
     @property
@@ -283,6 +286,9 @@ class SymDiffModel(nn.Module):
         ``noise`` ([B, N, 3 + d], CoM-free in x) and gamma's ``R``/``R0``/``eta`` may be fixed; otherwise drawn
         (from ``generator`` when given).
         """
+        if not isinstance(self.process, VDM):
+            raise NotImplementedError(f"reverse_step is the vdm process's ancestral step; the {self.process.name} "
+                                      f"process steps with model.process's own samplers ({self.process.samplers})")
         return self.process.reverse_step(self.denoise, z_t.to(self.dtype), mask, t_int, s_int, R=R, R0=R0,
                                          eta=eta, noise=noise, generator=generator)
 

@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="reverse steps; fewer than the diffusion's T uses a strided sampler (default: sample.steps)")
     parser.add_argument("--sampler", default=None,
-                        help="the process's sampler (vdm: ancestral, ddim, dpmpp2m; default: sample.sampler, "
-                             "auto = the process's default)")
+                        help="the process's sampler (vdm: ancestral, ddim, dpmpp2m; flow: heun, euler; default: "
+                             "sample.sampler, auto = the process's default)")
     parser.add_argument("--ddim-eta", type=float, default=None,
                         help="DDIM noise scale in [0, 1]: 0 deterministic, 1 the ancestral variance "
                              "(default: sample.ddim_eta)")
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     with writing(out, "--out"):  # the writers go through a temporary name
         write_molecules(out, mols)
-    log.info("wrote %d molecules (%d atoms) to %s in %.1f s (%.3f s/molecule, %d %s steps, %s)", len(mols),
+    log.info("wrote %d molecules (%d atoms) to %s in %.1f s (%.3f s/molecule, %d steps (%s), %s)", len(mols),
              int(mols.n_atoms.sum()), out, elapsed, elapsed / n, steps, sampler, device)
     return 0
 
