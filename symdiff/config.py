@@ -87,6 +87,9 @@ class DiffusionConfig:
     normalize_factors: list[float] = field(default_factory=lambda: [1.0, 4.0, 10.0])
     # eps (the paper) | score | flow (appendix D forms)
     parameterization: str = "eps"
+    # The generative process (symdiff/diffusion/): vdm = EDM's discrete-time variational diffusion (SPEC §2),
+    # flow = flow matching (paper App. D.2; timesteps is then only the largest sampler step count)
+    process: str = "vdm"
 
 
 @dataclass
@@ -120,6 +123,10 @@ class SampleConfig:
     batch_size: int = 100
     # Number of reverse steps; < timesteps uses a strided (fewer-step) ancestral sampler.
     steps: int = 1000
+    # auto = the process's default (vdm: ancestral, flow: heun); PROCESS_SAMPLERS lists each process's samplers
+    sampler: str = "auto"
+    # DDIM's noise scale: 0 = deterministic, 1 = the ancestral step's variance (symdiff/diffusion/vdm_samplers.py)
+    ddim_eta: float = 0.0
     use_ema: bool = True
     seed: int = 0
 
@@ -183,6 +190,8 @@ KERNEL_BACKENDS = ("auto", "triton", "torch")
 LINEAR_BACKENDS = ("auto", "onednn", "aten")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARAMETERIZATIONS = ("eps", "score", "flow")
+# Each process's samplers, the default first (symdiff/diffusion/ implements them).
+PROCESS_SAMPLERS = {"vdm": ("ancestral", "ddim", "dpmpp2m"), "flow": ("heun", "euler")}
 
 RULES: dict[str, tuple[Check, str]] = {
     "data.dataset": _one_of(*DATASETS),
@@ -214,6 +223,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "diffusion.normalize_factors": ((lambda v: len(v) == 3 and all(_finite(x) and x > 0 for x in v)),
                                     "exactly 3 finite numbers > 0 (positions, categories, charges)"),
     "diffusion.parameterization": _one_of(*PARAMETERIZATIONS),
+    "diffusion.process": _one_of(*PROCESS_SAMPLERS),
     "train.max_steps": _int_at_least(1),
     "train.lr": _positive(),
     "train.warmup_steps": _int_at_least(0),
@@ -233,7 +243,9 @@ RULES: dict[str, tuple[Check, str]] = {
     "sample.n_samples": _int_at_least(1),
     "sample.batch_size": _int_at_least(1),
     "sample.steps": _int_at_least(1),
+    "sample.sampler": _one_of("auto", *sorted({s for v in PROCESS_SAMPLERS.values() for s in v})),
     "sample.seed": _int_at_least(0),
+    "sample.ddim_eta": ((lambda v: _finite(v) and 0 <= v <= 1), "a number in [0, 1]"),
 }
 
 
@@ -245,6 +257,15 @@ def _cross_checks(d: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
         out.append((("sample.steps", "diffusion.timesteps"),
                     f"sample.steps {steps} exceeds diffusion.timesteps {T}: set sample.steps <= {T} "
                     "(a sampler takes at most T steps)"))
+    process, sampler = d["diffusion"]["process"], d["sample"]["sampler"]
+    if sampler != "auto" and sampler not in PROCESS_SAMPLERS.get(process, (sampler,)):
+        out.append((("sample.sampler", "diffusion.process"),
+                    f"sample.sampler '{sampler}' is not a sampler of the {process} process "
+                    f"({', '.join(PROCESS_SAMPLERS[process])})"))
+    if process == "flow" and d["train"]["eval_every"] > 0:
+        out.append((("train.eval_every", "diffusion.process"),
+                    "train.eval_every > 0 evaluates the validation NLL, which the flow process does not define: "
+                    "set train.eval_every=0"))
     return out
 
 

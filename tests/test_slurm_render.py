@@ -109,7 +109,11 @@ def test_every_job_kind_renders(cfg_file: Path, tmp_path: Path) -> None:
     sample = render(SubmitOptions(job="sample", n_samples=500), cfg, tmp_path / "run").script
     # the data root is the config file's, made absolute: the job's --chdir does not change which shards it reads
     assert (f"set -- {(tmp_path / 'run').resolve()} 500 qm9 edm {tmp_path / 'shards' / 'qm9'} --steps 1000 "
-            "--batch-size 100 --seed 0\n") in sample
+            "--batch-size 100 --seed 0 --sampler auto --ddim-eta 0.0\n") in sample
+    # the sample section's sampler reaches `symdiff sample` in the job
+    cfg.sample.sampler, cfg.sample.ddim_eta = "ddim", 0.5
+    sample = render(SubmitOptions(job="sample", n_samples=500), cfg, tmp_path / "run").script
+    assert "--seed 0 --sampler ddim --ddim-eta 0.5\n" in sample
 
 
 def test_time_parsing() -> None:

@@ -176,6 +176,7 @@ def _job_arguments(opts: SubmitOptions, cfg: Optional[DictConfig], config_path: 
         s = cfg.sample
         return [str(run_dir), str(n), str(cfg.data.dataset), opts.protocol, str(cfg.data.root),
                 "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--seed", str(s.seed),
+                "--sampler", str(s.sampler), "--ddim-eta", str(float(s.ddim_eta)),
                 *([] if s.use_ema else ["--no-ema"])]
     if opts.job == "profile":
         return [str(run_dir / "profile" / "kernels.json"), *opts.args]

@@ -1,4 +1,29 @@
-"""EDM-style diffusion on the CoM-free subspace: noise schedule, noise, likelihood terms, sampling helpers."""
-from symdiff.diffusion.schedule import NoiseSchedule, polynomial_alpha2
+"""Generative processes on the CoM-free subspace: noise schedule, noise, likelihood terms, samplers.
 
-__all__ = ["NoiseSchedule", "polynomial_alpha2"]
+A process (``diffusion.process``) owns the mathematics of one generative model and calls the network only
+through a denoiser function; :func:`build_process` makes the one a config names.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from symdiff.diffusion.flow import Flow
+from symdiff.diffusion.process import Process
+from symdiff.diffusion.schedule import NoiseSchedule, polynomial_alpha2
+from symdiff.diffusion.vdm import VDM
+
+PROCESSES: dict[str, type[Process]] = {"vdm": VDM, "flow": Flow}
+
+
+def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> Process:
+    """The process ``cfg.diffusion.process`` names, for a state of 3 + ``d`` channels (``num_classes`` one-hot)."""
+    dc = cfg.diffusion
+    name = str(getattr(dc, "process", "vdm"))
+    if name not in PROCESSES:
+        raise ValueError(f"'{name}' is not one of {', '.join(PROCESSES)}")
+    nf = [float(v) for v in dc.normalize_factors]
+    return PROCESSES[name](d, num_classes, *nf, timesteps=int(dc.timesteps), schedule=str(dc.schedule),
+                           precision=float(dc.precision), backend=backend)
+
+
+__all__ = ["NoiseSchedule", "polynomial_alpha2", "Process", "VDM", "Flow", "PROCESSES", "build_process"]

@@ -1,14 +1,16 @@
-"""SymDiffModel: the eps-network, the O(3) kernel gamma, the Gaussian embedding and the diffusion in one module.
+"""SymDiffModel: the module the engine trains, a denoiser (networks + symmetrisation) and a process (the maths).
 
-One code path for the four variants of ``model.kind`` (SPEC §3.7):
+* the **denoiser** (:mod:`symdiff.models.denoiser`): Gaussian embedding, DiT eps'-network and, for kind
+  ``symdiff``, the learned gamma; ``model.kind`` in dit | dit_aug | symdiff_haar | symdiff picks its symmetry;
+* the **process** (:mod:`symdiff.diffusion`, ``diffusion.process``): loss, NLL, samplers (``vdm`` today).
 
-* ``dit``          eps_hat = eps'(z): no symmetry at all;
-* ``dit_aug``      as ``dit``, but training rotates each molecule by a Haar-random g in O(3) first;
-* ``symdiff_haar`` eps_hat = R eps'(R^T z) with R ~ Haar(O(3)) at every call (training, NLL, sampling);
-* ``symdiff``      the same with R = R0 Qf from the learned gamma_theta (paper §3, SPEC §2.7).
+The model maps batches to the diffusion's normalised state z = [x, onehot/4, Z/10] (SPEC §1.3), holds p(N), and
+keeps the README's API (``gamma``, ``denoise``, ``reverse_step``, ``sample``, ``nll``, ...) by delegating. The
+denoiser's submodules are registered on the model itself (``embedding``, ``eps_net``, ``gamma_net``), so state
+dicts keep the names checkpoints written before the split carry.
 
 Conventions: positions are rows [B, N, 3] with a boolean mask [B, N]; a rotation acts as x_i -> R x_i, i.e.
-``X @ R.T``. The diffusion runs on normalised features z = [x, onehot/4, Z/10] (SPEC §1.3).
+``X @ R.T``.
 """
 from __future__ import annotations
 
@@ -20,16 +22,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from symdiff import kernels
-from symdiff.kernels.linear import Linear, set_linear_backend
+from symdiff.kernels.linear import set_linear_backend
 from symdiff.config import ConfigError
 from symdiff.data.elements import alphabet as get_alphabet
-from symdiff.diffusion import edm
+from symdiff.diffusion import build_process, edm
 from symdiff.diffusion.schedule import NoiseSchedule
+from symdiff.diffusion.vdm import VDM, Features
 from symdiff.errors import DataError
-from symdiff.models.dit import DiT, Packing
+from symdiff.models.denoiser import KINDS, Denoiser, EpsNet
+from symdiff.models.dit import Packing
 from symdiff.models.embedding import GaussianEmbedding
-from symdiff.models.gamma import GammaNet, haar_o3
+from symdiff.models.gamma import GammaNet
+
+__all__ = ["KINDS", "EpsNet", "SymDiffModel", "default_n_hist"]
 
 log = logging.getLogger(__name__)
 
@@ -65,21 +70,6 @@ def default_n_hist(dataset: str, remove_h: bool = False) -> dict[int, int]:
     raise ValueError(f"no default atom-count histogram for dataset '{dataset}'")
 
 
-class EpsNet(nn.Module):
-    """eps'_theta (SPEC §3.2): tokens [W_I [x, h], Psi] -> DiT -> 3 + d channels."""
-
-    def __init__(self, in_features: int, xh_hidden: int, hidden: int, depth: int, num_heads: int,
-                 mlp_ratio: float) -> None:
-        super().__init__()
-        self.inp = Linear(in_features, xh_hidden)
-        self.dit = DiT(hidden, depth, num_heads, mlp_ratio, out_channels=in_features)
-
-    def forward(self, xh: torch.Tensor, psi: torch.Tensor, t: torch.Tensor, pk: Packing) -> torch.Tensor:
-        w = self.inp.weight.dtype
-        tokens = torch.cat([self.inp(pk.pack(xh).to(w)), psi.to(w)], dim=-1)
-        return self.dit(tokens, t, pk)
-
-
 class SymDiffModel(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -112,21 +102,29 @@ class SymDiffModel(nn.Module):
         if n_emb <= 0:
             raise ConfigError(f"model.hidden_size ({mc.hidden_size}) must exceed model.xh_hidden_size "
                              f"({mc.xh_hidden_size}): the rest is the distance embedding")
-        self.embedding = GaussianEmbedding(int(mc.num_gaussians), n_emb, backend=self.backend)
-        self.eps_net = EpsNet(3 + self.d, int(mc.xh_hidden_size), int(mc.hidden_size), int(mc.depth),
-                              int(mc.num_heads), float(mc.mlp_ratio))
-        self.gamma_net: Optional[GammaNet] = None
+        embedding = GaussianEmbedding(int(mc.num_gaussians), n_emb, backend=self.backend)
+        eps_net = EpsNet(3 + self.d, int(mc.xh_hidden_size), int(mc.hidden_size), int(mc.depth),
+                         int(mc.num_heads), float(mc.mlp_ratio))
+        gamma_net: Optional[GammaNet] = None
         if self.kind == "symdiff":
-            self.gamma_net = GammaNet(n_emb, int(mc.gamma_hidden_size), int(mc.gamma_depth),
-                                      int(mc.gamma_num_heads), float(mc.gamma_mlp_ratio), int(mc.gamma_dec_hidden),
-                                      int(mc.gamma_noise_dims), bool(getattr(mc, "gamma_final_norm", True)),
-                                      backend=self.backend)
+            gamma_net = GammaNet(n_emb, int(mc.gamma_hidden_size), int(mc.gamma_depth),
+                                 int(mc.gamma_num_heads), float(mc.gamma_mlp_ratio), int(mc.gamma_dec_hidden),
+                                 int(mc.gamma_noise_dims), bool(getattr(mc, "gamma_final_norm", True)),
+                                 backend=self.backend)
+        # The networks are registered here under their old names (state dicts unchanged); the denoiser is a
+        # view of the same submodules, kept out of the module tree so nothing is registered twice.
+        self.embedding, self.eps_net, self.gamma_net = embedding, eps_net, gamma_net
+        object.__setattr__(self, "denoiser", Denoiser(self.kind, embedding, eps_net, gamma_net, self.backend))
         try:
             set_linear_backend(self, str(getattr(mc, "linear_backend", "auto")))
         except ValueError as exc:
             raise ConfigError(f"model.linear_backend: {exc}") from None
-        self.schedule = NoiseSchedule(int(dc.timesteps), str(dc.schedule), float(dc.precision))
-        _check_sigma0(self.schedule, self.norm_cat, self.norm_int)
+        try:
+            self.process = build_process(cfg, d=self.d, num_classes=self.num_classes, backend=self.backend)
+        except ValueError as exc:
+            raise ConfigError(f"diffusion.process: {exc}") from None
+        if isinstance(self.process, VDM):
+            _check_sigma0(self.schedule, self.norm_cat, self.norm_int)
         # Map Z -> class index on device; -1 marks elements outside the alphabet.
         lut = torch.full((128,), -1, dtype=torch.long)
         lut[list(self.alphabet.atomic_numbers)] = torch.arange(self.num_classes)
@@ -141,8 +139,15 @@ class SymDiffModel(nn.Module):
 
     # ------------------------------------------------------------------ sizes and p(N)
     @property
+    def schedule(self) -> NoiseSchedule:
+        """The process's noise schedule (vdm; the flow process has none)."""
+        if not isinstance(self.process, VDM):
+            raise NotImplementedError(f"the {self.process.name} process has no noise schedule")
+        return self.process.schedule
+
+    @property
     def timesteps(self) -> int:
-        return self.schedule.timesteps
+        return self.process.timesteps
 
     @property
     def dtype(self) -> torch.dtype:
@@ -151,17 +156,16 @@ class SymDiffModel(nn.Module):
         DeepSpeed's bf16 mode casts every parameter to bf16; positions, noise, z_t, the schedule quantities, R, the
         CoM projection and the loss must not follow (SPEC §2.6), or the low-noise steps are learnt from rounding.
         """
-        w = self.embedding.mu.dtype
-        return w if w in (torch.float32, torch.float64) else torch.float32
+        return self.denoiser.dtype
 
     @property
     def net_dtype(self) -> torch.dtype:
         """The dtype the network body computes in (the parameters' dtype: bf16 under DeepSpeed's bf16 mode)."""
-        return self.embedding.mu.dtype
+        return self.denoiser.net_dtype
 
     @property
     def device(self) -> torch.device:
-        return self.embedding.mu.device
+        return self.denoiser.device
 
     def set_n_atoms_histogram(self, counts: dict[int, int] | np.ndarray | torch.Tensor) -> None:
         """Set p(N) (used to draw sizes at sampling and for -log p(N) in the NLL) from atom-count counts."""
@@ -198,8 +202,7 @@ class SymDiffModel(nn.Module):
         return torch.multinomial(p, n, replacement=True, generator=generator)
 
     # ------------------------------------------------------------------ features
-    def features(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                             Optional[torch.Tensor]]:
+    def features(self, batch: Any) -> Features:
         """Batch -> (x centred [B,N,3], h normalised [B,N,d], mask, one-hot [B,N,C], integer feature or None)."""
         dtype, device = self.dtype, self.device
         mask = batch.mask.to(device).bool()
@@ -220,38 +223,17 @@ class SymDiffModel(nn.Module):
         if self.include_charges:
             integer = Z.to(dtype).unsqueeze(-1) * m
             parts.append(integer / self.norm_int)
-        return x, torch.cat(parts, dim=-1), mask, onehot, integer
+        return Features(x, torch.cat(parts, dim=-1), mask, onehot, integer)
 
-    # ------------------------------------------------------------------ gamma and the symmetrised denoiser
+    # ------------------------------------------------------------------ the denoiser
     def haar(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return haar_o3(batch, dtype=self.dtype, device=self.device, backend=self.backend, generator=generator)
+        return self.denoiser.haar(batch, generator)
 
     def gamma(self, x: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, R0: Optional[torch.Tensor] = None,
               eta: Optional[torch.Tensor] = None, _psi: Optional[torch.Tensor] = None,
               _pk: Optional[Packing] = None, generator: Optional[torch.Generator] = None) -> Optional[torch.Tensor]:
-        """Draw R ~ gamma(. | x, t): [B, 3, 3] in O(3), or None for the unsymmetrised kinds (dit, dit_aug).
-
-        x: [B, N, 3] positions (centred here), t: [B] in [0, 1]. ``R0`` (Haar) and ``eta`` ([B, N, noise_dims])
-        are drawn when not given (from ``generator``, else the global RNG); fixing them makes the draw a
-        deterministic, equivariant function of x.
-        """
-        if self.kind in ("dit", "dit_aug"):
-            return None
-        B = x.shape[0]
-        if R0 is None:
-            R0 = self.haar(B, generator)
-        if self.kind == "symdiff_haar":
-            return R0
-        assert self.gamma_net is not None
-        mask = mask.bool()
-        x = edm.remove_mean(x, mask, self.backend)
-        pk = _pk if _pk is not None else Packing.from_mask(mask)
-        psi = _psi if _psi is not None else self.embedding(x, mask)
-        if eta is None:
-            eta = torch.randn(B, x.shape[1], self.gamma_net.noise_dims, dtype=x.dtype, device=x.device,
-                              generator=generator)
-        eta = eta * mask.to(x.dtype).unsqueeze(-1)
-        return self.gamma_net(x, psi, _as_time(t, B, x), pk, R0.to(x.dtype), eta)
+        """R ~ gamma(. | x, t) [B, 3, 3], or None for dit/dit_aug: the denoiser's (:meth:`Denoiser.gamma`)."""
+        return self.denoiser.gamma(x, mask, t, R0=R0, eta=eta, _psi=_psi, _pk=_pk, generator=generator)
 
     def denoise(self, z: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, R: Optional[torch.Tensor] = None,
                 R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None,
@@ -262,24 +244,7 @@ class SymDiffModel(nn.Module):
         (pass R=None with R0/eta to fix gamma's randomness instead). Unsymmetrised kinds use R = identity.
         z and the result are in the state dtype; only the eps-network's body runs in ``net_dtype``.
         """
-        z = z.to(self.dtype)
-        mask = mask.bool()
-        B = z.shape[0]
-        m = mask.to(z.dtype).unsqueeze(-1)
-        z = z * m
-        t = _as_time(t, B, z)
-        x = edm.remove_mean(z[..., :3], mask, self.backend)
-        pk = Packing.from_mask(mask)
-        # Psi is rotation-invariant: computed once from the unrotated x and shared by gamma and eps'.
-        psi = self.embedding(x, mask)
-        if R is None:
-            R = self.gamma(x, mask, t, R0=R0, eta=eta, _psi=psi, _pk=pk, generator=generator)
-        x_in = x if R is None else kernels.com_project_rotate(x, mask, R.to(z.dtype), backend=self.backend,
-                                                              transpose=True)
-        out = pk.unpack(self.eps_net(torch.cat([x_in, z[..., 3:]], dim=-1), psi, t, pk).to(z.dtype))
-        out_x = kernels.com_project_rotate(out[..., :3], mask, None if R is None else R.to(z.dtype),
-                                           backend=self.backend)
-        return torch.cat([out_x, out[..., 3:]], dim=-1) * m
+        return self.denoiser(z, mask, t, R=R, R0=R0, eta=eta, generator=generator)
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -287,35 +252,15 @@ class SymDiffModel(nn.Module):
 
     def training_loss(self, batch: Any, generator: Optional[torch.Generator] = None
                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Algorithm 1 with the EDM details of SPEC §2.3: l2 on eps, t ~ U{0..T}, divided by (3 + d) * N_pad.
+        """The process's training loss (vdm: Algorithm 1, SPEC §2.3) on the batch, ``dit_aug`` rotating it first.
 
         Returns the mean over molecules (the only term with a gradient) and detached statistics. All randomness
         comes from ``generator`` when given, else from torch's global RNG.
         """
-        x, h, mask, _, _ = self.features(batch)
-        B, N = mask.shape
-        if self.kind == "dit_aug":
-            g = self.haar(B, generator)
-            x = x @ g.transpose(1, 2)
-        xh = torch.cat([x, h], dim=-1)
-        t_int = torch.randint(0, self.timesteps + 1, (B,), device=x.device, generator=generator)
-        gam = self.schedule.gamma(t_int)
-        alpha, sigma = edm._bcast(self.schedule.alpha(gam), xh), edm._bcast(self.schedule.sigma(gam), xh)
-        eps = edm.sample_noise(mask, self.d, xh.dtype, self.backend, generator)
-        z_t = alpha * xh + sigma * eps
-        eps_hat = self.denoise(z_t, mask, t_int.to(xh.dtype) / self.timesteps, generator=generator)
-        err = (eps - eps_hat) ** 2
-        err_x = err[..., :3].sum((1, 2))
-        err_h = err[..., 3:].sum((1, 2))
-        denom = (3 + self.d) * N
-        # t = 0: only the x part is Gaussian; the h part is scored by the discrete likelihood (constant in theta).
-        per_mol = 0.5 * torch.where(t_int == 0, err_x, err_x + err_h) / denom
-        loss = per_mol.mean()
-        stats = {"loss": loss.detach(), "l2_x": (0.5 * err_x / denom).mean().detach(),
-                 "l2_h": (0.5 * err_h / denom).mean().detach(),
-                 "atoms_per_mol": mask.sum(1).to(xh.dtype).mean().detach(),
-                 "padding_fraction": 1.0 - mask.to(xh.dtype).mean().detach()}
-        return loss, stats
+        f = self.features(batch)
+        f = f._replace(x=self.denoiser.augment(f.x, generator))
+        # self.denoise, looked up at call time: a wrapper set on the instance (a spy, a test oracle) is honoured.
+        return self.process.loss(self.denoise, f, generator=generator)
 
     # ------------------------------------------------------------------ likelihood
     def nll(self, batch: Any, t_int: Optional[torch.Tensor] = None, return_terms: bool = False,
@@ -326,41 +271,10 @@ class SymDiffModel(nn.Module):
         drawn uniformly. With ``return_terms`` also returns the components. Randomness from ``generator`` when
         given, else torch's global RNG.
         """
-        x, h, mask, onehot, integer = self.features(batch)
-        B = mask.shape[0]
-        T = self.timesteps
-        xh = torch.cat([x, h], dim=-1)
-        n = mask.sum(1)
-        kl = edm.kl_prior(xh, mask, self.schedule)
-        # (b) one diffusion term, weighted by T
-        if t_int is None:
-            t_int = torch.randint(1, T + 1, (B,), device=x.device, generator=generator)
-        t_int = t_int.to(x.device).long()
-        g_t, g_s = self.schedule.gamma(t_int), self.schedule.gamma(t_int - 1)
-        eps = edm.sample_noise(mask, self.d, xh.dtype, self.backend, generator)
-        z_t = edm._bcast(self.schedule.alpha(g_t), xh) * xh + edm._bcast(self.schedule.sigma(g_t), xh) * eps
-        eps_hat = self.denoise(z_t, mask, t_int.to(xh.dtype) / T, generator=generator)
-        err = ((eps - eps_hat) ** 2).sum((1, 2))
-        diffusion = T * 0.5 * torch.expm1(g_t - g_s).to(xh.dtype) * err
-        # (c) reconstruction at t = 0 with fresh noise
-        t0 = torch.zeros(B, dtype=torch.long, device=x.device)
-        g0 = self.schedule.gamma(t0)
-        a0, s0 = self.schedule.alpha(g0), self.schedule.sigma(g0)
-        eps0 = edm.sample_noise(mask, self.d, xh.dtype, self.backend, generator)
-        z0 = edm._bcast(a0, xh) * xh + edm._bcast(s0, xh) * eps0
-        eps0_hat = self.denoise(z0, mask, t0.to(xh.dtype), generator=generator)
-        dof_x = (n - 1).to(xh.dtype) * 3
-        x_const = dof_x * (0.5 * g0.to(xh.dtype) + 0.5 * math.log(2 * math.pi))
-        x_err = 0.5 * ((eps0[..., :3] - eps0_hat[..., :3]) ** 2).sum((1, 2))
-        log_ph = edm.log_p_h_given_z0(z0, onehot, integer, mask, s0, self.norm_cat, self.norm_int)
-        log_pn = self.log_p_n_atoms(n).to(xh.dtype)
-        # x is normalised by a factor; its log-volume change is -(N - 1) * 3 * log(norm_x) (0 for the default 1).
-        delta_log_px = -dof_x * math.log(self.norm_x)
-        total = kl + diffusion + x_const + x_err - log_ph - delta_log_px - log_pn
-        if return_terms:
-            return total, {"kl_prior": kl, "diffusion": diffusion, "x_const": x_const, "x_err": x_err,
-                           "log_p_h": log_ph, "log_p_n": log_pn}
-        return total
+        f = self.features(batch)
+        total, terms = self.process.nll(self.denoise, f, self.log_p_n_atoms(f.mask.sum(1)), t_int=t_int,
+                                        generator=generator)
+        return (total, terms) if return_terms else total
 
     # ------------------------------------------------------------------ sampling
     def reverse_step(self, z_t: torch.Tensor, mask: torch.Tensor, t_int: int | torch.Tensor,
@@ -372,69 +286,46 @@ class SymDiffModel(nn.Module):
         ``noise`` ([B, N, 3 + d], CoM-free in x) and gamma's ``R``/``R0``/``eta`` may be fixed; otherwise drawn
         (from ``generator`` when given).
         """
-        z_t = z_t.to(self.dtype)
-        mask = mask.bool()
-        B = z_t.shape[0]
-        t_int = torch.as_tensor(t_int, device=z_t.device).long().expand(B)
-        s_int = torch.as_tensor(s_int, device=z_t.device).long().expand(B)
-        g_t, g_s = self.schedule.gamma(t_int), self.schedule.gamma(s_int)
-        sigma2_ts = self.schedule.sigma2_t_given_s(g_t, g_s)
-        alpha_ts = self.schedule.alpha_t_given_s(g_t, g_s)
-        sigma_t, sigma_s = self.schedule.sigma(g_t), self.schedule.sigma(g_s)
-        eps_hat = self.denoise(z_t, mask, t_int.to(z_t.dtype) / self.timesteps, R=R, R0=R0, eta=eta,
-                               generator=generator)
-        mu = z_t / edm._bcast(alpha_ts, z_t) - edm._bcast(sigma2_ts / (alpha_ts * sigma_t), z_t) * eps_hat
-        sigma_q = torch.sqrt(sigma2_ts) * sigma_s / sigma_t
-        if noise is None:
-            noise = edm.sample_noise(mask, self.d, z_t.dtype, self.backend, generator)
-        z_s = mu + edm._bcast(sigma_q, z_t) * noise
-        x = edm.remove_mean(z_s[..., :3], mask, self.backend)
-        return torch.cat([x, z_s[..., 3:]], dim=-1) * mask.to(z_t.dtype).unsqueeze(-1)
+        if not isinstance(self.process, VDM):
+            raise NotImplementedError(f"reverse_step is the vdm process's ancestral step; the {self.process.name} "
+                                      f"process steps with model.process's own samplers ({self.process.samplers})")
+        return self.process.reverse_step(self.denoise, z_t.to(self.dtype), mask, t_int, s_int, R=R, R0=R0,
+                                         eta=eta, noise=noise, generator=generator)
 
     def decode(self, z0: torch.Tensor, mask: torch.Tensor, R: Optional[torch.Tensor] = None,
                R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None,
                noise: Optional[torch.Tensor] = None, generator: Optional[torch.Generator] = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """p(x, h | z_0): positions from the denoised x-hat_0 plus sigma_0/alpha_0 noise; types from z_0 itself."""
-        z0 = z0.to(self.dtype)
+        """p(x, h | z_0): positions (Angstrom) from the denoised x-hat_0 plus sigma_0/alpha_0 noise; types from z_0."""
         mask = mask.bool()
-        B = z0.shape[0]
-        g0 = self.schedule.gamma(torch.zeros(B, dtype=torch.long, device=z0.device))
-        a0, s0 = self.schedule.alpha(g0), self.schedule.sigma(g0)
-        eps_hat = self.denoise(z0, mask, torch.zeros(B, dtype=z0.dtype, device=z0.device), R=R, R0=R0, eta=eta,
-                               generator=generator)
-        x_hat = (z0[..., :3] - edm._bcast(s0, z0) * eps_hat[..., :3]) / edm._bcast(a0, z0)
-        if noise is None:
-            noise = edm.sample_noise(mask, 0, z0.dtype, self.backend, generator)
-        x = edm.remove_mean(x_hat + edm._bcast(s0 / a0, z0) * noise[..., :3], mask, self.backend)
-        # Slice exactly the categorical channels (SPEC §2.5: no lost last class).
-        cls = z0[..., 3:3 + self.num_classes].argmax(-1)
+        x, cls = self.process.decode(self.denoise, z0.to(self.dtype), mask, R=R, R0=R0, eta=eta, noise=noise,
+                                     generator=generator)
+        return self._to_molecules(x, cls, mask)
+
+    def _to_molecules(self, x: torch.Tensor, cls: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
         Z = torch.where(mask, self.class_to_z[cls], torch.zeros_like(cls))
         return x * self.norm_x, Z
 
     @torch.inference_mode()
     def sample(self, n_atoms: torch.Tensor, steps: Optional[int] = None, progress: Any = None,
-               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ancestral sampling for molecules of the given sizes; ``steps`` < T strides the time grid.
+               generator: Optional[torch.Generator] = None, sampler: Optional[str] = None,
+               **options: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample molecules of the given sizes with the process's ``sampler`` (its default when None).
 
-        Returns positions [B, N, 3] (Angstrom, centred), atomic numbers [B, N] (0 at padding) and the mask,
-        with N = max(n_atoms). ``progress`` (e.g. a tqdm bar) gets ``update(1)`` per network call. Noise comes
-        from ``generator`` (on the model's device) when given, else from torch's global RNG.
+        ``steps`` < T strides the time grid. Returns positions [B, N, 3] (Angstrom, centred), atomic numbers
+        [B, N] (0 at padding) and the mask, with N = max(n_atoms). ``progress`` (e.g. a tqdm bar) gets
+        ``update(1)`` per network call. Noise comes from ``generator`` (on the model's device) when given, else
+        from torch's global RNG. ``options`` go to the sampler (see the process's ``sample``).
         """
         n_atoms = torch.as_tensor(n_atoms, dtype=torch.long, device=self.device).flatten()
         if n_atoms.numel() == 0 or int(n_atoms.min()) < 1:
             raise ValueError("every molecule needs at least one atom")
         N = int(n_atoms.max())
         mask = torch.arange(N, device=self.device).unsqueeze(0) < n_atoms.unsqueeze(1)
-        z = edm.sample_noise(mask, self.d, self.dtype, self.backend, generator)
-        times = edm.strided_times(self.timesteps, steps or self.timesteps)
-        for t, s in zip(times[:-1], times[1:]):
-            z = self.reverse_step(z, mask, t, s, generator=generator)
-            if progress is not None:
-                progress.update(1)
-        x, Z = self.decode(z, mask, generator=generator)
-        if progress is not None:
-            progress.update(1)
+        x, cls = self.process.sample(self.denoise, mask, self.dtype, sampler=sampler, steps=steps,
+                                     progress=progress, generator=generator, **options)
+        x, Z = self._to_molecules(x, cls, mask)
         return x, Z, mask
 
 
@@ -450,8 +341,3 @@ def _check_sigma0(schedule: NoiseSchedule, norm_cat: float, norm_int: float) -> 
         raise ConfigError(f"diffusion.precision/normalize_factors: 8 * sigma_0 = {8 * sigma0:.4g} must be below "
                           f"1 / max(normalize_factors[1:]) = {limit:.4g} (EDM's check; lower diffusion.precision or "
                           f"the one-hot/integer factors)")
-
-
-def _as_time(t: torch.Tensor | float, B: int, like: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
-    return t.expand(B) if t.dim() == 0 else t.to(like.dtype)

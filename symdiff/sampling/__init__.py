@@ -1,7 +1,7 @@
 """Sampling molecules from a model: sizes from p(N), batched by size, with a progress bar."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -14,13 +14,15 @@ from symdiff.data.molecules import MoleculeSet
 def sample_molecules(model: torch.nn.Module, n: int, batch_size: int = 100, steps: Optional[int] = None,
                      seed: Optional[int] = None, progress: bool = True,
                      n_atoms: Optional[np.ndarray] = None,
-                     generator: Optional[torch.Generator] = None) -> MoleculeSet:
+                     generator: Optional[torch.Generator] = None, sampler: Optional[str] = None,
+                     **options: Any) -> MoleculeSet:
     """Draw ``n`` molecules: sizes N ~ p(N) (the model's stored histogram) unless ``n_atoms`` is given.
 
     Sizes are sorted before batching, so each batch pads to nearly its own size rather than to the largest
     molecule of the dataset. Molecules come back in the drawn (unsorted) order with mol_ids 0..n-1.
     Randomness (sizes and diffusion noise) comes from ``generator`` (on the model's device), or from a private
     generator seeded with ``seed``; with neither, from torch's global RNG. The caller's global RNG is never reseeded.
+    ``sampler`` names one of the model's process's samplers (its default when None); ``options`` go to it.
     """
     if n < 1:
         raise ValueError(f"number of samples must be positive, got {n}")
@@ -44,7 +46,8 @@ def sample_molecules(model: torch.nn.Module, n: int, batch_size: int = 100, step
     with tqdm(total=n_batches * calls, desc="sampling", unit="step", disable=not progress) as bar:
         for b in range(n_batches):
             idx = order[b * batch_size:(b + 1) * batch_size]
-            x, Z, mask = model.sample(torch.from_numpy(sizes[idx]), steps=steps, progress=bar, generator=generator)
+            x, Z, mask = model.sample(torch.from_numpy(sizes[idx]), steps=steps, progress=bar, generator=generator,
+                                      sampler=sampler, **options)
             x, Z, mask = x.float().cpu().numpy(), Z.cpu().numpy(), mask.cpu().numpy()
             for row, i in enumerate(idx):
                 zs[i] = Z[row][mask[row]]

@@ -25,6 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="molecules per batch (default: sample.batch_size)")
     parser.add_argument("--steps", type=int, default=None,
                         help="reverse steps; fewer than the diffusion's T uses a strided sampler (default: sample.steps)")
+    parser.add_argument("--sampler", default=None,
+                        help="the process's sampler (vdm: ancestral, ddim, dpmpp2m; flow: heun, euler; default: "
+                             "sample.sampler, auto = the process's default)")
+    parser.add_argument("--ddim-eta", type=float, default=None,
+                        help="DDIM noise scale in [0, 1]: 0 deterministic, 1 the ancestral variance "
+                             "(default: sample.ddim_eta)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: sample.seed)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     parser.add_argument("--trust-pickle", action="store_true",
@@ -81,17 +87,26 @@ def run(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else int(cfg.sample.seed)
     if not 1 <= steps <= model.timesteps:
         raise UserError(f"--steps {steps}: must be in 1..{model.timesteps}")
+    sampler = args.sampler if args.sampler is not None else str(cfg.sample.sampler)
+    try:
+        sampler = model.process.check_sampler(sampler)
+    except ValueError as exc:
+        raise UserError(f"--sampler: {exc}") from None
+    ddim_eta = args.ddim_eta if args.ddim_eta is not None else float(cfg.sample.ddim_eta)
+    if not 0.0 <= ddim_eta <= 1.0:
+        raise UserError(f"--ddim-eta {ddim_eta}: must be in [0, 1]")
     if args.n_atoms_from is not None:
         model.set_n_atoms_histogram(size_histogram_from_data(args.n_atoms_from, str(cfg.data.train_split),
                                                              str(cfg.data.dataset)))
         log.info("p(N): training-split histogram of %s (--n-atoms-from)", args.n_atoms_from)
     model.to(device)
     t0 = time.perf_counter()
-    mols = sample_molecules(model, n, batch_size=batch_size, steps=steps, seed=seed, progress=not args.no_progress)
+    mols = sample_molecules(model, n, batch_size=batch_size, steps=steps, seed=seed, progress=not args.no_progress,
+                            sampler=sampler, ddim_eta=ddim_eta)
     elapsed = time.perf_counter() - t0
     with writing(out, "--out"):  # the writers go through a temporary name
         write_molecules(out, mols)
-    log.info("wrote %d molecules (%d atoms) to %s in %.1f s (%.3f s/molecule, %d steps, %s)", len(mols),
-             int(mols.n_atoms.sum()), out, elapsed, elapsed / n, steps, device)
+    log.info("wrote %d molecules (%d atoms) to %s in %.1f s (%.3f s/molecule, %d steps (%s), %s)", len(mols),
+             int(mols.n_atoms.sum()), out, elapsed, elapsed / n, steps, sampler, device)
     return 0
 

@@ -216,6 +216,8 @@ def check_compatible(state: dict[str, Any], cfg: DictConfig, shapes: dict[str, t
     problems = []
     old = _flatten({k: state["config"][k] for k in ("model", "diffusion")})
     new = _flatten({k: to_dict(cfg)[k] for k in ("model", "diffusion")})
+    # Checkpoints written before diffusion.process existed are all of the one process there was then.
+    old.setdefault("diffusion.process", "vdm")
     # kernel_backend and linear_backend pick an implementation of the same maths; switching them is allowed (and
     # checkpoints written before linear_backend existed lack the key).
     for key in sorted(set(old) | set(new)):

@@ -1,0 +1,28 @@
+"""What every process shares: its name, its samplers (the default one first) and the CoM-free projection."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from symdiff.diffusion import edm
+
+
+class Process(nn.Module):
+    name = "process"
+    samplers: tuple[str, ...] = ()
+    default_sampler = ""
+    backend = "auto"
+
+    def check_sampler(self, sampler: Optional[str]) -> str:
+        """The sampler ``sampler`` names (None, "" or "auto": the default), or ValueError naming the choices."""
+        sampler = self.default_sampler if sampler in (None, "", "auto") else str(sampler)
+        if sampler not in self.samplers:
+            raise ValueError(f"sampler '{sampler}' is not one of the {self.name} process's: {', '.join(self.samplers)}")
+        return sampler
+
+    def _finish(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Project x back onto the CoM-free subspace and zero the padding (after every sampler step)."""
+        x = edm.remove_mean(z[..., :3], mask, self.backend)
+        return torch.cat([x, z[..., 3:]], dim=-1) * mask.to(z.dtype).unsqueeze(-1)
