@@ -124,7 +124,8 @@ class SampleConfig:
     batch_size: int = 100
     # Number of reverse steps; < timesteps uses a strided (fewer-step) ancestral sampler.
     steps: int = 1000
-    # auto = the process's default (vdm: ancestral, vpsde: em, flow: heun); PROCESS_SAMPLERS lists each process's samplers
+    # auto = the process's default (vdm: ancestral, vpsde: em, flow: heun); PROCESS_SAMPLERS lists each
+    # process's samplers
     sampler: str = "auto"
     # DDIM's noise scale: 0 = deterministic, 1 = the ancestral step's variance (symdiff/diffusion/vdm_samplers.py)
     ddim_eta: float = 0.0
