@@ -88,7 +88,8 @@ class DiffusionConfig:
     # eps (the paper) | score | flow (appendix D forms)
     parameterization: str = "eps"
     # The generative process (symdiff/diffusion/): vdm = EDM's discrete-time variational diffusion (SPEC §2),
-    # flow = flow matching (paper App. D.2; timesteps is then only the largest sampler step count)
+    # vpsde = the continuous-time VP score model (paper App. D.1), flow = flow matching (paper App. D.2); for
+    # both, timesteps is only the largest sampler step count
     process: str = "vdm"
 
 
@@ -123,7 +124,8 @@ class SampleConfig:
     batch_size: int = 100
     # Number of reverse steps; < timesteps uses a strided (fewer-step) ancestral sampler.
     steps: int = 1000
-    # auto = the process's default (vdm: ancestral, flow: heun); PROCESS_SAMPLERS lists each process's samplers
+    # auto = the process's default (vdm: ancestral, vpsde: em, flow: heun); PROCESS_SAMPLERS lists each
+    # process's samplers
     sampler: str = "auto"
     # DDIM's noise scale: 0 = deterministic, 1 = the ancestral step's variance (symdiff/diffusion/vdm_samplers.py)
     ddim_eta: float = 0.0
@@ -191,7 +193,9 @@ LINEAR_BACKENDS = ("auto", "onednn", "aten")
 PRECISIONS = ("auto", "bf16", "fp32")
 PARAMETERIZATIONS = ("eps", "score", "flow")
 # Each process's samplers, the default first (symdiff/diffusion/ implements them).
-PROCESS_SAMPLERS = {"vdm": ("ancestral", "ddim", "dpmpp2m"), "flow": ("heun", "euler")}
+PROCESS_SAMPLERS = {"vdm": ("ancestral", "ddim", "dpmpp2m"), "vpsde": ("em", "heun"), "flow": ("heun", "euler")}
+# The processes that define no likelihood: no validation NLL for them.
+PROCESSES_WITHOUT_NLL = ("vpsde", "flow")
 
 RULES: dict[str, tuple[Check, str]] = {
     "data.dataset": _one_of(*DATASETS),
@@ -262,9 +266,9 @@ def _cross_checks(d: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
         out.append((("sample.sampler", "diffusion.process"),
                     f"sample.sampler '{sampler}' is not a sampler of the {process} process "
                     f"({', '.join(PROCESS_SAMPLERS[process])})"))
-    if process == "flow" and d["train"]["eval_every"] > 0:
+    if process in PROCESSES_WITHOUT_NLL and d["train"]["eval_every"] > 0:
         out.append((("train.eval_every", "diffusion.process"),
-                    "train.eval_every > 0 evaluates the validation NLL, which the flow process does not define: "
+                    f"train.eval_every > 0 evaluates the validation NLL, which the {process} process does not define: "
                     "set train.eval_every=0"))
     return out
 

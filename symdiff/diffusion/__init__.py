@@ -11,8 +11,9 @@ from symdiff.diffusion.flow import Flow
 from symdiff.diffusion.process import Process
 from symdiff.diffusion.schedule import NoiseSchedule, polynomial_alpha2
 from symdiff.diffusion.vdm import VDM
+from symdiff.diffusion.vpsde import VPSDE
 
-PROCESSES: dict[str, type[Process]] = {"vdm": VDM, "flow": Flow}
+PROCESSES: dict[str, type[Process]] = {"vdm": VDM, "vpsde": VPSDE, "flow": Flow}
 
 
 def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> Process:
@@ -26,4 +27,4 @@ def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> 
                            precision=float(dc.precision), backend=backend)
 
 
-__all__ = ["NoiseSchedule", "polynomial_alpha2", "Process", "VDM", "Flow", "PROCESSES", "build_process"]
+__all__ = ["NoiseSchedule", "polynomial_alpha2", "Process", "VDM", "VPSDE", "Flow", "PROCESSES", "build_process"]

@@ -66,10 +66,6 @@ class Flow(Process):
                  "padding_fraction": 1.0 - mask.to(z1.dtype).mean().detach()}
         return loss, stats
 
-    def nll(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("the flow process defines no likelihood here (no NLL); use diffusion.process=vdm "
-                                  "for test NLLs")
-
     @staticmethod
     def _t(t: float | torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(t, dtype=z.dtype, device=z.device).expand(z.shape[0])

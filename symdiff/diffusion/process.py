@@ -1,7 +1,7 @@
 """What every process shares: its name, its samplers (the default one first) and the CoM-free projection."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -21,6 +21,11 @@ class Process(nn.Module):
         if sampler not in self.samplers:
             raise ValueError(f"sampler '{sampler}' is not one of the {self.name} process's: {', '.join(self.samplers)}")
         return sampler
+
+    def nll(self, *args: Any, **kwargs: Any) -> Any:
+        """The processes that define a likelihood (vdm) override this; the others refuse with one message."""
+        raise NotImplementedError(f"the {self.name} process defines no likelihood here (no NLL); use "
+                                  "diffusion.process=vdm for test NLLs")
 
     def _finish(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Project x back onto the CoM-free subspace and zero the padding (after every sampler step)."""

@@ -2,7 +2,8 @@
 
 * the **denoiser** (:mod:`symdiff.models.denoiser`): Gaussian embedding, DiT eps'-network and, for kind
   ``symdiff``, the learned gamma; ``model.kind`` in dit | dit_aug | symdiff_haar | symdiff picks its symmetry;
-* the **process** (:mod:`symdiff.diffusion`, ``diffusion.process``): loss, NLL, samplers (``vdm`` today).
+* the **process** (:mod:`symdiff.diffusion`, ``diffusion.process``): loss, NLL, samplers (``vdm``,
+  ``vpsde``, ``flow``).
 
 The model maps batches to the diffusion's normalised state z = [x, onehot/4, Z/10] (SPEC §1.3), holds p(N), and
 keeps the README's API (``gamma``, ``denoise``, ``reverse_step``, ``sample``, ``nll``, ...) by delegating. The
@@ -140,9 +141,10 @@ class SymDiffModel(nn.Module):
     # ------------------------------------------------------------------ sizes and p(N)
     @property
     def schedule(self) -> NoiseSchedule:
-        """The process's noise schedule (vdm; the flow process has none)."""
+        """vdm's discrete noise schedule (vpsde's continuous one is ``model.process.gamma(t)``; flow has none)."""
         if not isinstance(self.process, VDM):
-            raise NotImplementedError(f"the {self.process.name} process has no noise schedule")
+            raise NotImplementedError(f"the {self.process.name} process has no discrete noise schedule (vpsde: "
+                                      "model.process.gamma(t) in continuous time)")
         return self.process.schedule
 
     @property

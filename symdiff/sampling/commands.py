@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="reverse steps; fewer than the diffusion's T uses a strided sampler (default: sample.steps)")
     parser.add_argument("--sampler", default=None,
-                        help="the process's sampler (vdm: ancestral, ddim, dpmpp2m; flow: heun, euler; default: "
-                             "sample.sampler, auto = the process's default)")
+                        help="the process's sampler (vdm: ancestral, ddim, dpmpp2m; vpsde: em, heun; flow: heun, "
+                             "euler; default: sample.sampler, auto = the process's default)")
     parser.add_argument("--ddim-eta", type=float, default=None,
                         help="DDIM noise scale in [0, 1]: 0 deterministic, 1 the ancestral variance "
                              "(default: sample.ddim_eta)")
