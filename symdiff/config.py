@@ -91,6 +91,9 @@ class DiffusionConfig:
     # vpsde = the continuous-time VP score model (paper App. D.1), flow = flow matching (paper App. D.2); for
     # both, timesteps is only the largest sampler step count
     process: str = "vdm"
+    # flow only: how the prior draw is paired with the data molecule before the path is built (none = independent;
+    # hungarian = optimal atom permutation; hungarian_kabsch = that, then the O(3) Kabsch map; diffusion/flow.py)
+    flow_align: str = "none"
 
 
 @dataclass
@@ -197,6 +200,9 @@ PROCESS_SAMPLERS = {"vdm": ("ancestral", "ddim", "dpmpp2m"), "vpsde": ("em", "he
 # The processes that define no likelihood: no validation NLL for them.
 PROCESSES_WITHOUT_NLL = ("vpsde", "flow")
 
+# diffusion.flow_align (symdiff/diffusion/flow.py ALIGNS): the flow process's prior-data coupling.
+FLOW_ALIGNS = ("none", "hungarian", "hungarian_kabsch")
+
 RULES: dict[str, tuple[Check, str]] = {
     "data.dataset": _one_of(*DATASETS),
     "data.batch_size": _int_at_least(1),
@@ -228,6 +234,7 @@ RULES: dict[str, tuple[Check, str]] = {
                                     "exactly 3 finite numbers > 0 (positions, categories, charges)"),
     "diffusion.parameterization": _one_of(*PARAMETERIZATIONS),
     "diffusion.process": _one_of(*PROCESS_SAMPLERS),
+    "diffusion.flow_align": _one_of(*FLOW_ALIGNS),
     "train.max_steps": _int_at_least(1),
     "train.lr": _positive(),
     "train.warmup_steps": _int_at_least(0),
@@ -266,6 +273,10 @@ def _cross_checks(d: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
         out.append((("sample.sampler", "diffusion.process"),
                     f"sample.sampler '{sampler}' is not a sampler of the {process} process "
                     f"({', '.join(PROCESS_SAMPLERS[process])})"))
+    if process != "flow" and d["diffusion"]["flow_align"] != "none":
+        out.append((("diffusion.flow_align", "diffusion.process"),
+                    f"diffusion.flow_align '{d['diffusion']['flow_align']}' applies to the flow process only "
+                    f"(diffusion.process is {process})"))
     if process in PROCESSES_WITHOUT_NLL and d["train"]["eval_every"] > 0:
         out.append((("train.eval_every", "diffusion.process"),
                     f"train.eval_every > 0 evaluates the validation NLL, which the {process} process does not define: "

@@ -23,8 +23,10 @@ def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> 
     if name not in PROCESSES:
         raise ValueError(f"'{name}' is not one of {', '.join(PROCESSES)}")
     nf = [float(v) for v in dc.normalize_factors]
+    # Keys of one process only go to that process (configs validated before flow_align existed lack it).
+    extra = {"align": str(getattr(dc, "flow_align", "none"))} if name == "flow" else {}
     return PROCESSES[name](d, num_classes, *nf, timesteps=int(dc.timesteps), schedule=str(dc.schedule),
-                           precision=float(dc.precision), backend=backend)
+                           precision=float(dc.precision), backend=backend, **extra)
 
 
 __all__ = ["NoiseSchedule", "polynomial_alpha2", "Process", "VDM", "VPSDE", "Flow", "PROCESSES", "build_process"]
