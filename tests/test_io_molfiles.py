@@ -166,13 +166,18 @@ def _eval_fails(capsys, path) -> str:
     return lines[0]
 
 
+def _written_then_edited(path, write, old: str, new: str):
+    """``write`` the test molecules to ``path``, then replace the one occurrence of ``old`` by ``new``."""
+    write(path, _mols())
+    text = path.read_text()
+    assert text.count(old) == 1
+    path.write_text(text.replace(old, new))
+    return path
+
+
 def _charged_xyz(tmp_path, charges: str):
-    p = tmp_path / "c.xyz"
-    write_xyz(p, _mols())
-    text = p.read_text()
-    assert "formal_charges=1,0,0,0,-1,0,0,0,0,0" in text
-    p.write_text(text.replace("formal_charges=1,0,0,0,-1,0,0,0,0,0", f"formal_charges={charges}"))
-    return p
+    return _written_then_edited(tmp_path / "c.xyz", write_xyz, "formal_charges=1,0,0,0,-1,0,0,0,0,0",
+                                f"formal_charges={charges}")
 
 
 @pytest.mark.parametrize("charges,why", [
@@ -193,12 +198,7 @@ def test_xyz_formal_charges_are_never_silently_dropped_or_wrapped(tmp_path, char
 
 
 def _charged_sdf(tmp_path, chg_line: str):
-    p = tmp_path / "c.sdf"
-    write_sdf(p, _mols())
-    text = p.read_text()
-    assert text.count("M  CHG  2   1   1   5  -1\n") == 1
-    p.write_text(text.replace("M  CHG  2   1   1   5  -1\n", chg_line + "\n"))
-    return p
+    return _written_then_edited(tmp_path / "c.sdf", write_sdf, "M  CHG  2   1   1   5  -1\n", chg_line + "\n")
 
 
 @pytest.mark.parametrize("chg,why", [

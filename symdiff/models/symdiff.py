@@ -86,11 +86,8 @@ class SymDiffModel(nn.Module):
         self.include_charges = bool(cfg.data.include_charges)
         self.num_classes = self.alphabet.num_classes
         self.d = self.num_classes + (1 if self.include_charges else 0)
-        nf = [float(v) for v in dc.normalize_factors]
-        if len(nf) != 3 or min(nf) <= 0:
-            raise ConfigError(f"diffusion.normalize_factors: expected three positive factors [x, one-hot, integer], "
-                              f"got {nf}")
-        self.norm_x, self.norm_cat, self.norm_int = nf
+        # three positive factors [x, one-hot, integer]: checked by the config schema (symdiff.config.RULES)
+        self.norm_x, self.norm_cat, self.norm_int = (float(v) for v in dc.normalize_factors)
         if dc.parameterization != "eps":
             raise ConfigError(f"diffusion.parameterization '{dc.parameterization}' is not implemented (only 'eps')")
         for width, heads, key in ((mc.hidden_size, mc.num_heads, "model.hidden_size/num_heads"),

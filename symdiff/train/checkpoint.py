@@ -414,7 +414,7 @@ def plan_resume(tag_dir: Path, world_size: int, zero_stage: int, ckpt_dir: Path,
 
 def check_deepspeed_files(folder: Path) -> None:
     """Refuse (CheckpointError, one line) a checkpoint whose DeepSpeed files need anything beyond tensors, plain
-    data and DeepSpeed's own checkpoint classes: DeepSpeed 0.19 loads them with ``torch.load(weights_only=False)``
+    data and DeepSpeed's own checkpoint classes: DeepSpeed 0.19 loads them with torch's full unpickler
     (TorchCheckpointEngine.load, zero_to_fp32, ds_to_universal, the universal loader), which would run a crafted
     file's payload. Our own files (symdiff_state.pt, rank_*.pt) are checked where they are read."""
     ours = {STATE_FILE}

@@ -1,7 +1,7 @@
 """Reading .pt files without running code from them.
 
-``torch.load(weights_only=False)`` unpickles arbitrary objects, so a crafted file runs its payload the moment it
-is opened, whatever checksums sit beside it. Every checkpoint file symdiff reads goes through :func:`load`:
+torch's full unpickler (``torch.load`` with weights-only off) builds arbitrary objects, so a crafted file runs its
+payload the moment it is opened, whatever checksums sit beside it. Every checkpoint file symdiff reads goes through :func:`load`:
 torch's weights-only unpickler (tensors, containers, numbers, strings) plus an allow-list of the exact extra
 classes that kind of file holds. A file that needs anything else is refused with one line before any object in it
 is built. ``trust_pickle=True`` (the CLI's ``--trust-pickle``) is the explicit way out for a file whose source the
@@ -61,7 +61,7 @@ def load(path: str | Path, *, allow: Iterable = (), trust_pickle: bool = False, 
     at all. ``mmap=True`` maps tensor data instead of reading it (for files that are only being checked)."""
     path = Path(path)
     try:
-        if trust_pickle:
+        if trust_pickle:  # only ever True from the user's explicit --trust-pickle
             return torch.load(path, map_location="cpu", weights_only=False)
         with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
             # the refusal below says what matters; torch's note on a plain pickle's protocol would be a second line
