@@ -140,6 +140,40 @@ def test_zero1_preempted_by_sigusr1_resumes_bitwise(tmp_path, shards):
     assert [s for s, r in metrics(run).items() if r["skipped"]] == [6]
 
 
+# Runs `train()` in a process of its own, with a signal sent to itself at step 2 when asked, and reports how many
+# DeepSpeed engines were still alive when the process group was torn down.
+_TEARDOWN_PROBE = """
+import gc, json, os, signal, sys
+import deepspeed, torch.distributed as dist
+from symdiff.config import load_config
+from symdiff.train import trainer
+alive, destroy, loss = [], dist.destroy_process_group, trainer.compute_loss
+def counting_destroy(*args, **kwargs):
+    alive.append(sum(isinstance(o, deepspeed.DeepSpeedEngine) for o in gc.get_objects()))
+    return destroy(*args, **kwargs)
+def loss_then_signal(engine, micro, step):
+    if step == 2 and sys.argv[3] == "preempt":
+        os.kill(os.getpid(), signal.SIGUSR1)
+    return loss(engine, micro, step)
+dist.destroy_process_group, trainer.compute_loss = counting_destroy, loss_then_signal
+code = trainer.train(load_config(sys.argv[1], sys.argv[4:]), sys.argv[2])
+print("PROBE", json.dumps({"code": code, "engines_alive": alive}))
+"""
+
+
+@pytest.mark.parametrize("zero,how", [(1, "preempt"), (3, "finish")])
+def test_engine_is_released_before_the_process_group_is_destroyed(tmp_path, shards, zero, how):
+    # An engine alive at interpreter exit keeps its gloo subgroups alive into finalisation, where a rank aborted
+    # with "terminate called without an active exception" (exit 134 where a preempted run must exit 75).
+    res = subprocess.run([sys.executable, "-c", _TEARDOWN_PROBE, str(CONFIG), str(tmp_path / "run"), how,
+                          f"data.root={shards}", *TINY, "train.max_steps=4", f"train.zero_stage={zero}"],
+                         env=_env(), capture_output=True, text=True, timeout=600)
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("PROBE ")]
+    assert res.returncode == 0 and line, res.stdout[-3000:] + res.stderr[-3000:]
+    probe = json.loads(line[0][len("PROBE "):])
+    assert probe == {"code": 75 if how == "preempt" else 0, "engines_alive": [0]}
+
+
 def test_zero3_stop_and_resume_bitwise(tmp_path, shards):
     # A NaN gradient at step 2 in every run: DeepSpeed's ZeRO-3 overflow check skips it, the count resumes.
     nan = faults(nan_grad=[2])

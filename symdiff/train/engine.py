@@ -157,5 +157,22 @@ def build_engine(cfg: DictConfig, model: nn.Module, world_size: int, *, load_uni
     return engine, ds_cfg
 
 
+def release_engine(engine) -> None:
+    """Undo what the engine hooked into torch and DeepSpeed, so that it can be collected while the process group
+    still exists (``trainer._leave_process_group`` says why that matters)."""
+    engine.destroy()
+    # DeepSpeed 0.19.8's ZeRO-3 keeps the whole engine reachable from module-level state that destroy() leaves:
+    # the wrapped module on a forward stack, and its submodules in a class-wide lru_cache of the coordinator.
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    ours = {id(m) for m in engine.module.modules()}
+    parameter_offload.FWD_MODULE_STACK[:] = [m for m in parameter_offload.FWD_MODULE_STACK if id(m) not in ours]
+    cached = vars(PartitionedParameterCoordinator).get("_PartitionedParameterCoordinator__params_to_release")
+    for cell in getattr(cached, "__closure__", None) or ():  # the lru_cache sits inside an NVTX wrapper
+        if hasattr(cell.cell_contents, "cache_clear"):
+            cell.cell_contents.cache_clear()
+
+
 def is_stage3(engine) -> bool:
     return int(engine.zero_optimization_stage()) == 3
