@@ -62,6 +62,9 @@ class Plan:
     kernel_test_filter: Optional[str]
     kernel_dtypes: tuple[str, ...] = ("float32", "bfloat16")
     profile_args: list[str] = field(default_factory=list)
+    profile_kernels: tuple[str, ...] = ("gaussian", "com", "qr")
+    attention_shapes: tuple[tuple[str, int], ...] = (("qm9", 256), ("geom", 64))  # (size histogram, molecules)
+    attention_width: tuple[int, int, int] = (384, 6, 2)  # hidden, heads, blocks (SymDiff+++'s width)
     train_cases: list[tuple[str, str, str]] = field(default_factory=list)  # (label, config, data)
     train_batch: int = 256
     train_steps: int = 160
@@ -84,7 +87,7 @@ class Plan:
 def gpu_plan() -> Plan:
     tests = sorted(str(p.relative_to(REPO)) for p in (REPO / "tests").glob("test_kernels_*.py"))
     return Plan(smoke=False,
-                boxes={"environment": 20, "kernels": 130, "training": 150, "resume": 70, "sampling": 110},
+                boxes={"environment": 15, "kernels": 170, "training": 135, "resume": 60, "sampling": 100},
                 kernel_tests=tests, kernel_test_filter=None,
                 profile_args=["--shapes", "qm9,geom,stream", "--rep-ms", "50"],
                 train_cases=[("SymDiff+ QM9", "qm9_symdiff_s", "qm9"), ("SymDiff+++ QM9", "qm9_symdiff_l", "qm9"),
@@ -96,8 +99,9 @@ def smoke_plan() -> Plan:
                 boxes={"environment": 30, "kernels": 60, "training": 90, "resume": 90, "sampling": 60},
                 kernel_tests=["tests/test_kernels_com.py"], kernel_test_filter="test_padded_matches and 3-7",
                 kernel_dtypes=("bfloat16",),
-                profile_args=["--device", "cpu", "--kernels", "com", "--shapes", "qm9", "--batch", "4", "--atoms",
-                              "6", "--no-compile", "--min-run-time", "0.01"],
+                profile_args=["--device", "cpu", "--shapes", "qm9", "--batch", "4", "--atoms", "6", "--no-compile",
+                              "--min-run-time", "0.01"], profile_kernels=("com",),
+                attention_shapes=(("qm9", 4), ("geom", 2)), attention_width=(32, 2, 1),
                 train_cases=[("SymDiff+++ QM9 (tiny)", "qm9_symdiff_l", "qm9"),
                              ("SymDiff+++ GEOM-sized (tiny)", "geom_symdiff_l", "geom_like")],
                 train_batch=8, train_steps=4, train_warmup=1, train_log_every=1, model_overrides=TINY_MODEL,
@@ -182,7 +186,7 @@ def run_section(name: str, fn: Callable[[Ctx, Box], dict], ctx: Ctx) -> dict:
 # --------------------------------------------------------------------------------------------- environment
 
 
-def _ceilings(device: str, smoke: bool) -> dict[str, Any]:
+def _ceilings(device: str) -> dict[str, Any]:
     import torch
 
     dev = torch.device(device)
@@ -239,7 +243,7 @@ def section_environment(ctx: Ctx, box: Box) -> dict:
             q = subprocess.run([smi, "--query-gpu=name,driver_version,clocks.max.sm,memory.total",
                                 "--format=csv,noheader"], capture_output=True, text=True, timeout=max(1, box.left()))
             env["nvidia_smi"] = q.stdout.strip() or q.stderr.strip()
-    env["ceilings"] = _ceilings(ctx.device, ctx.plan.smoke)
+    env["ceilings"] = _ceilings(ctx.device)
     ctx.shared["ceilings"] = env["ceilings"]
     return env
 
@@ -266,8 +270,8 @@ def section_kernels(ctx: Ctx, box: Box) -> dict:
     env = dict(ctx.env)
     if ctx.device == "cuda":
         env["TRITON_INTERPRET"] = "0"  # the compiled kernels, not the emulator (conftest only sets a default)
-    # the float32 pass gets half of what is left, bf16 a third of the rest; the profile the remainder
-    shares = {"float32": 0.4, "bfloat16": 0.35}
+    # each test pass gets at most 30% of what is left; the profile (compiles included) the remainder
+    shares = {"float32": 0.3, "bfloat16": 0.3}
     for dtype in p.kernel_dtypes:
         xml = ctx.work / f"kernels_{dtype}.xml"
         cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider", *p.kernel_tests,
@@ -282,12 +286,82 @@ def section_kernels(ctx: Ctx, box: Box) -> dict:
             out["tests"][dtype] = {"status": "timed_out", "error": str(exc)}
             continue
         out["tests"][dtype] = _junit(xml) if xml.is_file() else {"status": "no junit report"}
-    prof = ctx.work / "profile.json"
-    run_cmd(ctx, box, cli("profile", "--json", str(prof), *p.profile_args), "profile", env=env)
-    rep = json.loads(prof.read_text())
-    out["profile"] = {"ceilings": rep["ceilings"], "notes": rep["notes"], "rows": [_profile_row(r) for r in
-                                                                                  rep["results"]]}
+    out["attention"] = attention_probe(ctx.device, p.attention_shapes, p.attention_width)
+    # one profile run per kernel, so that a time-out keeps the kernels already measured
+    out["profile"] = {"rows": [], "notes": []}
+    for kernel in p.profile_kernels:
+        prof = ctx.work / f"profile_{kernel}.json"
+        run_cmd(ctx, box, cli("profile", "--kernels", kernel, "--json", str(prof), *p.profile_args),
+                f"profile_{kernel}", env=env)
+        rep = json.loads(prof.read_text())
+        out["profile"]["ceilings"] = rep["ceilings"]
+        out["profile"]["notes"] += rep["notes"]
+        out["profile"]["rows"] += [_profile_row(r) for r in rep["results"]]
     return out
+
+
+def attention_probe(device: str, shapes: tuple[tuple[str, int], ...], width: tuple[int, int, int],
+                    reps: int = 10) -> dict[str, Any]:
+    """DiT blocks forward + backward with padded (boolean mask) and varlen (jagged, no mask) attention on molecules
+    of the dataset's sizes: time, agreement, and on CUDA which SDPA kernels ran (from the profiler's kernel names)."""
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from symdiff.models.dit import DiT, Packing, set_attention
+    from symdiff.models.symdiff import GEOM_N_HIST, QM9_N_HIST
+
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    hidden, heads, depth = width
+    rows = []
+    for name, B in shapes:
+        hist = QM9_N_HIST if name == "qm9" else GEOM_N_HIST
+        p = np.array(list(hist.values()), dtype=float)
+        sizes = np.random.default_rng(0).choice(list(hist), size=B, p=p / p.sum())
+        mask = torch.arange(int(sizes.max()))[None] < torch.as_tensor(sizes)[:, None]
+        pk = Packing.from_mask(mask.to(device))
+        torch.manual_seed(0)
+        net = DiT(hidden, depth, heads, out_channels=8)
+        with torch.no_grad():  # adaLN-Zero starts as the identity with a zero output: give every part a signal
+            for w in net.parameters():
+                w.add_(0.05 * torch.randn_like(w))
+        net.to(device, dtype)
+        x = torch.randn(int(mask.sum()), hidden, device=device, dtype=dtype, requires_grad=True)
+        t = torch.rand(B, device=device)
+        row: dict[str, Any] = {"shape": name, "B": B, "N_max": int(sizes.max()), "tokens": int(mask.sum()),
+                               "padding_fraction": 1 - float(mask.float().mean()), "dtype": str(dtype)}
+        outs = {}
+        for impl in ("padded", "varlen"):
+            set_attention(net, impl)
+
+            def step() -> torch.Tensor:
+                out = net(x, t, pk)
+                out.float().square().mean().backward()
+                return out
+
+            for _ in range(2):
+                outs[impl] = step().detach().float()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            row[f"{impl}_fwd_bwd_ms"] = (time.perf_counter() - t0) / reps * 1e3
+            if cuda:
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    step()
+                    torch.cuda.synchronize()
+                names = {e.key for e in prof.key_averages()}
+                row[f"{impl}_attention_kernels"] = sorted(n[:80] for n in names if re.search(
+                    r"flash|fmha|efficient|attention|softmax", n, re.I))[:8]
+        row["varlen_speedup"] = row["padded_fwd_bwd_ms"] / row["varlen_fwd_bwd_ms"]
+        row["max_abs_diff"] = float((outs["padded"] - outs["varlen"]).abs().max())
+        rows.append(row)
+    return {"what": f"DiT blocks (H={hidden}, {heads} heads, {depth} blocks) forward + backward, mean of {reps}",
+            "rows": rows}
 
 
 def _profile_row(r: dict) -> dict:
@@ -392,7 +466,9 @@ def flops_per_token(ctx: Ctx, config: str, root: Path, n_batches: int = 3) -> di
     from symdiff.data.loader import ShardLoader
     from symdiff.models import build_model
 
-    cfg = load_config(REPO / "configs" / f"{config}.yaml", [f"data.root={root}", *ctx.plan.model_overrides])
+    # padded attention: the flop counter does not follow jagged tensors; attention is a few % of the FLOPs here
+    cfg = load_config(REPO / "configs" / f"{config}.yaml", [f"data.root={root}", *ctx.plan.model_overrides,
+                                                            "model.attention=padded"])
     torch.manual_seed(0)
     model = build_model(cfg).to(ctx.device)
     loader = ShardLoader(root, cfg.data.train_split, batch_size=ctx.plan.train_batch, shuffle=True, seed=0)
@@ -408,7 +484,8 @@ def flops_per_token(ctx: Ctx, config: str, root: Path, n_batches: int = 3) -> di
         model.zero_grad(set_to_none=True)
     del model
     return {"flops_per_token": flops / max(tokens, 1), "batches_counted": n_batches,
-            "counted_in": "float32 (counts do not depend on the dtype)"}
+            "counted_in": "float32, padded attention (counts do not depend on the dtype; the padded attention "
+                          "over-counts the varlen attention that trains on CUDA by its padded slots)"}
 
 
 def _peak_bf16(env_gpu: Optional[str]) -> Optional[float]:

@@ -91,6 +91,8 @@ def test_throughput_counts_only_the_steps_after_the_warm_up(suite):
     got = suite.throughput(rows, warmup=2)
     assert got["steps_timed"] == 4 and got["it_per_s"] == 2.0 and got["molecules_per_s"] == 20.0
     assert got["tokens_per_s"] == 200.0 and got["peak_memory_gb"] == 3.0 and got["final_loss"] == 1.0 / 6
+    late = suite.throughput(rows, warmup=4)  # only steps 5-6: the warm-up's rows are not counted
+    assert late["steps_timed"] == 2 and late["it_per_s"] == 2.0
     with pytest.raises(RuntimeError, match="too few logged steps"):
         suite.throughput(rows[:1], warmup=2)
 
@@ -114,6 +116,9 @@ def test_geom_sized_data_follows_the_geom_size_histogram_and_builds(suite, tmp_p
     hist = np.array(list(GEOM_N_HIST.values()), dtype=float)
     mean = float((np.array(list(GEOM_N_HIST)) * hist).sum() / hist.sum())  # 46.6 atoms (SPEC §1.2)
     assert abs(n.mean() - mean) < 1.0 and set(n.tolist()) <= set(GEOM_N_HIST) and info["atoms_max"] == n.max()
+    cdf = np.cumsum(hist) / hist.sum()
+    for q in (0.1, 0.5, 0.9):  # the quantiles of the histogram, not just its mean
+        assert abs(np.quantile(n, q) - list(GEOM_N_HIST)[int(np.searchsorted(cdf, q))]) <= 2
     assert len(z["atomic_numbers"]) == n.sum() == len(z["positions"]) and bool(z["synthetic"])
     bonds = np.linalg.norm(np.diff(z["positions"][: n[0]], axis=0), axis=1)
     assert np.allclose(bonds, 1.4, atol=1e-4)  # a random walk of 1.4 Angstrom steps
