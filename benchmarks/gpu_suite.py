@@ -2,6 +2,7 @@
 
     tools/gpu_suite.sh                              # on the GPU machine: about 8 minutes on one H100/H200
     tools/gpu_suite.sh --cpu-smoke --out DIR        # the same code path at tiny sizes on CPU (CI runs it)
+    bash tools/gpu_suite.sh --out $OUT              # through the device tool, with .whl carried (gpu_wheels.sh)
 
 Sections, in order; a failure or a time-out in one is recorded and the next still runs:
 - environment: GPU, driver, torch, triton, CUDA, cuDNN, DeepSpeed versions, measured copy bandwidth and bf16 matmul;
@@ -772,6 +773,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                "resume": section_resume, "sampling": section_sampling}
         t0 = time.monotonic()
         results = {s: (run_section(s, fns[s], ctx) if s in wanted else {"status": "not run"}) for s in SECTIONS}
+        logs = work / "logs"
+        if logs.is_dir() and args.out is not None:  # one file: the device tool brings back a few files only
+            import tarfile
+
+            with tarfile.open(out_dir / "gpu_suite_logs.tar.gz", "w:gz") as tar:
+                tar.add(logs, arcname="logs")
     gpu = results["environment"].get("gpu") if device == "cuda" else None
     name = gpu or ("cpu" if device == "cpu" else torch.cuda.get_device_name(0))
     slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")

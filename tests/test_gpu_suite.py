@@ -44,6 +44,9 @@ def test_cpu_smoke_runs_every_section_and_writes_the_report(tmp_path):
     # bf16 results are findings, not gates: the two with a rotation compare with assert_close and pass; the two
     # without check the centring against a plain float32 threshold, which bf16 rounding cannot meet
     assert tests["tests"] == 4 and tests["passed"] == 2 and len(tests["failed_tests"]) == 2
+    att = rep["kernels"]["attention"]["rows"]
+    assert [a["shape"] for a in att] == ["qm9", "geom"]
+    assert all(a["max_abs_diff"] < 1e-4 and a["padded_fwd_bwd_ms"] > 0 and a["varlen_fwd_bwd_ms"] > 0 for a in att)
     rows = rep["kernels"]["profile"]["rows"]
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"} and all(r["eager"]["median_ms"] > 0 for r in rows)
     cases = rep["training"]["cases"]
