@@ -77,6 +77,9 @@ class ModelConfig:
     kernel_backend: str = "auto"
     # Dense layers on CPU: auto (oneDNN for float32 on CPU: 2x MKL's AVX2 path on AMD, docs/kernels.md) | aten
     linear_backend: str = "auto"
+    # Attention over the packed atoms: auto (varlen on CUDA: jagged tensors, no mask, flash/efficient SDPA; padded
+    # on CPU, today's exact numerics) | padded (boolean key mask) | varlen (symdiff/models/dit.py)
+    attention: str = "auto"
 
 
 @dataclass
@@ -193,6 +196,7 @@ DATASETS = ("qm9", "geom")
 MODEL_KINDS = ("dit", "dit_aug", "symdiff_haar", "symdiff")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 LINEAR_BACKENDS = ("auto", "onednn", "aten")
+ATTENTIONS = ("auto", "padded", "varlen")  # symdiff/models/dit.py ATTENTIONS (kept here: config imports no torch)
 PRECISIONS = ("auto", "bf16", "fp32")
 PARAMETERIZATIONS = ("eps", "score", "flow")
 # Each process's samplers, the default first (symdiff/diffusion/ implements them).
@@ -227,6 +231,7 @@ RULES: dict[str, tuple[Check, str]] = {
     "model.gamma_noise_dims": _int_at_least(1),
     "model.kernel_backend": _one_of(*KERNEL_BACKENDS),
     "model.linear_backend": _one_of(*LINEAR_BACKENDS),
+    "model.attention": _one_of(*ATTENTIONS),
     "diffusion.timesteps": _int_at_least(1),
     "diffusion.schedule": _matches(r"polynomial_\d+(\.\d+)?", "polynomial_<power>, e.g. polynomial_2"),
     "diffusion.precision": _open_interval(0.0, 0.5),

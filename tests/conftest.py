@@ -30,3 +30,29 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+def pytest_addoption(parser) -> None:
+    # The GPU suite runs the kernel tests with the fused ops on CUDA (tests/kernel_device.py).
+    parser.addoption("--kernel-device", default=None, help="run the fused kernels on this device (e.g. cuda)")
+    parser.addoption("--kernel-dtype", default="float32", choices=("float32", "bfloat16"),
+                     help="with --kernel-device: the dtype the kernels' float32 inputs are cast to")
+
+
+def pytest_configure(config) -> None:
+    device = config.getoption("--kernel-device")
+    if device:
+        import sys
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from kernel_device import install
+
+        names = install(device, config.getoption("--kernel-dtype"))
+        config.stash[_KERNEL_DEVICE] = f"{device}/{config.getoption('--kernel-dtype')}: {', '.join(names)}"
+
+
+_KERNEL_DEVICE = pytest.StashKey[str]()
+
+
+def pytest_report_header(config) -> str | None:
+    return f"fused kernels on {config.stash[_KERNEL_DEVICE]}" if _KERNEL_DEVICE in config.stash else None

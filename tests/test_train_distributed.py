@@ -188,6 +188,32 @@ def test_zero3_stop_and_resume_bitwise(tmp_path, shards):
     assert [s for s, r in m.items() if r["skipped"]] == [2] and m[STEPS]["nonfinite_total"] == 1
 
 
+def test_sparse_logging_and_resume_from_a_checkpoint_written_while_a_batch_was_fetched_ahead(tmp_path, shards,
+                                                                                             ref_zero2):
+    """train.log_every=3: the statistics of the steps between logs are read on the host a step late, and every
+    mid-run checkpoint is written while the next batch has already been fetched. The logged losses and the weights
+    are the every-step run's to the bit, and a resume from step 4 (its loader state taken before the fetch ahead)
+    continues the same trajectory."""
+    from symdiff.train import checkpoint as ckpt
+
+    run = tmp_path / "sparse"
+    train(run, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=2", "train.ckpt_every=2", "train.log_every=3")
+    m, r = metrics(run), metrics(ref_zero2)
+    assert sorted(m) == [3, 6, 8]
+    for s in m:
+        assert (m[s]["loss"], m[s]["mol_id_sum"]) == (r[s]["loss"], r[s]["mol_id_sum"]), s
+        assert m[s]["it_per_s"] > 0 and 0 < m[s]["padding_fraction"] < 1
+    for step in (6, 8):
+        shutil.rmtree(run / "checkpoints" / ckpt.tag_for(step))
+    (run / "checkpoints" / "latest").write_text(ckpt.tag_for(4))
+    out = train(run, shards, 2, f"train.max_steps={STEPS}", "train.zero_stage=2", "train.ckpt_every=2",
+                "train.log_every=3")
+    assert "at step 4 " in out
+    (w, e), (wr, er) = final_state(run), final_state(ref_zero2)
+    assert all(torch.equal(w[k], wr[k]) for k in wr) and all(torch.equal(e[k], er[k]) for k in er)
+    assert metrics(run)[8]["loss"] == r[8]["loss"]
+
+
 def _tmp_dirs(ckdir: Path) -> dict[str, int]:
     """Checkpoints being written: name -> inode (a re-created directory of the same name is a new write)."""
     out = {}

@@ -32,6 +32,11 @@ class Batch:
                           else getattr(self, f.name).to(device, non_blocking=non_blocking)) for f in fields(self)}
         return Batch(**moved)
 
+    def pin_memory(self) -> "Batch":
+        """The same batch in page-locked host memory (needs CUDA), for non-blocking copies to the GPU."""
+        return Batch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory())
+                        for f in fields(self)})
+
     @property
     def padding_fraction(self) -> float:
         """Share of the [B, Nmax] slots that are padding (0 for an unpadded batch)."""

@@ -2,8 +2,10 @@
 
 Tokens are atoms with no index embedding, so the only cross-token operation is attention and the network is
 permutation-equivariant. Per-token work (all the linear layers) runs on the real atoms only, packed into a
-[n_real, H] matrix: padding costs nothing there, and padded atoms cannot influence anything. Only attention
-needs the padded [B, heads, N, hd] layout, where padded keys are masked out.
+[n_real, H] matrix: padding costs nothing there, and padded atoms cannot influence anything. Attention either
+unpacks to the padded [B, heads, N, hd] layout and masks padded keys (``padded``), or runs on the packed tokens as
+a jagged (variable-length) nested tensor with no mask (``varlen``). A boolean mask rules out the flash kernel and
+costs the padded slots' work; the jagged form is what the flash and memory-efficient SDPA kernels take on a GPU.
 """
 from __future__ import annotations
 
@@ -15,6 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from symdiff.kernels.linear import Linear
+
+# model.attention: auto = varlen on CUDA tensors, padded elsewhere (the CPU keeps the padded path's exact numerics)
+ATTENTIONS = ("auto", "padded", "varlen")
 
 
 @dataclass
@@ -42,6 +47,11 @@ class Packing:
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C] -> [T, C]."""
         return x.reshape(-1, x.shape[-1]).index_select(0, self.flat)
+
+    def offsets(self) -> torch.Tensor:
+        """[B + 1] start of each molecule's tokens in the packed order (molecule-major, as ``flat``)."""
+        counts = self.mask.sum(1)
+        return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         """[T, C] -> [B, N, C] with zeros at padding."""
@@ -101,13 +111,29 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.mlp = SwiGLU(hidden, mlp_ratio)
         self.adaLN = nn.Sequential(nn.SiLU(), Linear(hidden, 6 * hidden))
+        self.attention_impl = "auto"
 
     def attention(self, x: torch.Tensor, pk: Packing, key_mask: torch.Tensor) -> torch.Tensor:
+        impl = self.attention_impl
+        if impl == "varlen" or (impl == "auto" and x.is_cuda):
+            return self._attention_varlen(x, pk)
         B, N, H = pk.batch, pk.n_max, x.shape[-1]
         hd = H // self.num_heads
         qkv = pk.unpack(self.qkv(x)).view(B, N, 3, self.num_heads, hd).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=key_mask)
         return self.proj(pk.pack(out.transpose(1, 2).reshape(B, N, H)))
+
+    def _attention_varlen(self, x: torch.Tensor, pk: Packing) -> torch.Tensor:
+        T, H = x.shape
+        hd = H // self.num_heads
+        # [3, T, heads, hd], each of q, k, v contiguous: the jagged SDPA wants contiguous values once transposed
+        qkv = self.qkv(x).view(T, 3, self.num_heads, hd).permute(1, 0, 2, 3).contiguous()
+        offsets = pk.offsets()
+        # seqlen bounds given, so that nothing reads them back from the device (a host synchronisation per layer)
+        q, k, v = (torch.nested.nested_tensor_from_jagged(t, offsets, min_seqlen=1, max_seqlen=pk.n_max)
+                   .transpose(1, 2) for t in qkv)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).values().reshape(T, H))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, pk: Packing, key_mask: torch.Tensor) -> torch.Tensor:
         # Modulation is per molecule: compute it on [B, H] and gather per atom (cheaper than per token).
@@ -115,6 +141,15 @@ class Block(nn.Module):
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=-1)
         x = torch.addcmul(x, g1, self.attention(_modulate(self.norm1(x), sh1, sc1), pk, key_mask))
         return torch.addcmul(x, g2, self.mlp(_modulate(self.norm2(x), sh2, sc2)))
+
+
+def set_attention(module: nn.Module, impl: str) -> None:
+    """Choose every DiT block's attention: auto | padded | varlen (see the module docstring)."""
+    if impl not in ATTENTIONS:
+        raise ValueError(f"unknown attention '{impl}' (choose from {', '.join(ATTENTIONS)})")
+    for m in module.modules():
+        if isinstance(m, Block):
+            m.attention_impl = impl
 
 
 class DiT(nn.Module):

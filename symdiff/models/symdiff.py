@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from symdiff.kernels.linear import set_linear_backend
+from symdiff.models.dit import set_attention
 from symdiff.config import ConfigError
 from symdiff.data.elements import alphabet as get_alphabet
 from symdiff.diffusion import build_process, edm
@@ -117,6 +118,10 @@ class SymDiffModel(nn.Module):
             set_linear_backend(self, str(getattr(mc, "linear_backend", "auto")))
         except ValueError as exc:
             raise ConfigError(f"model.linear_backend: {exc}") from None
+        try:
+            set_attention(self, str(getattr(mc, "attention", "auto")))
+        except ValueError as exc:
+            raise ConfigError(f"model.attention: {exc}") from None
         try:
             self.process = build_process(cfg, d=self.d, num_classes=self.num_classes, backend=self.backend)
         except ValueError as exc:

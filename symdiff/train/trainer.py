@@ -33,6 +33,8 @@ from symdiff.train.ema import EMA
 from symdiff.train.engine import (build_engine, effective_zero_stage, grad_shards, init_distributed, is_stage3,
                                   release_engine, use_bf16)
 from symdiff.train.launch import EXIT_NONFINITE, EXIT_REQUEUE, FORWARDED_SIGNALS, DistEnv, discover
+from symdiff.train.prefetch import Prefetcher
+from symdiff.train.step_stats import PendingStats, reduce_stats
 from symdiff.train.runlock import RunDirLock
 
 log = logging.getLogger("symdiff.train")
@@ -73,9 +75,8 @@ def compute_loss(engine, micro: Batch, step: int) -> torch.Tensor:
     """The loss of one micro-batch of ``step`` (the seeds are set by the caller). A non-finite loss is made NaN so
     that its gradients are non-finite too and the optimizer's overflow check skips the step."""
     loss, _stats = engine(micro)
-    if not torch.isfinite(loss):
-        loss = loss * float("nan")
-    return loss
+    # A factor of 1 or NaN chosen on the device: `if not torch.isfinite(loss)` would stop the host every step.
+    return loss * torch.where(torch.isfinite(loss), loss.new_ones(()), loss.new_full((), float("nan")))
 
 
 class _StopFlag:
@@ -365,13 +366,14 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str, env: DistEnv, stop: _Sto
                dynamic_ncols=True)
 
     def save() -> Path:
-        common = {"format": ckpt.FORMAT_VERSION, "step": step, "epoch": loader.epoch, "config": to_dict(cfg),
+        common = {"format": ckpt.FORMAT_VERSION, "step": step, "epoch": cur.loader_state["epoch"],
+                  "config": to_dict(cfg),
                   "config_hash": config_hash(cfg), "param_shapes": shapes, "ema": ema.state_dict(),
                   "buffers": {k: v.detach().cpu() for k, v in engine.module.model.state_dict().items()
                               if k not in shapes},
                   "world_size": world, "grad_shards": shards_total,
                   "nonfinite_total": nonfinite_total, "nonfinite_in_a_row": nonfinite_row}
-        return ckpt.save(engine, ckpt_dir, step, common, {"rng": ckpt.rng_state(), "loader": loader.state_dict()},
+        return ckpt.save(engine, ckpt_dir, step, common, {"rng": ckpt.rng_state(), "loader": cur.loader_state},
                          keep_last=int(t.keep_last))
 
     # ---------------------------------------------------------------- the loop
@@ -380,37 +382,52 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str, env: DistEnv, stop: _Sto
     by_size = int(cfg.data.max_atoms_per_batch) > 0
     window = {"t0": time.perf_counter(), "steps": 0, "mols": 0.0, "atoms": 0.0, "slots": 0.0}
     exit_code = 0
-    data = iter(loader)
+    fetch = Prefetcher(loader, device, lambda b: split_batch(b, n_local, by_size=by_size))
+    ahead = None
+    unread: Optional[PendingStats] = None  # the previous step's statistics, not yet read on the host
+    last: Optional[torch.Tensor] = None  # the newest statistics read
+
+    def absorb(res: torch.Tensor) -> None:
+        window["steps"] += 1
+        window["mols"] += float(res[2])
+        window["atoms"] += float(res[3])
+        window["slots"] += float(res[4])
+
     while step < int(t.max_steps):
-        try:
-            batch = next(data)
-        except StopIteration:  # epoch over; the loader has moved on to the next epoch by itself
-            data = iter(loader)
-            continue
+        cur = ahead if ahead is not None else fetch.next()
+        ahead = None
+        batch = cur.batch
         step += 1
         skipped_before = engine.skipped_steps
-        loss_sum = 0.0
-        for j, micro in enumerate(split_batch(batch, n_local, by_size=by_size)):
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for j, micro in enumerate(cur.micros):
             torch.manual_seed(seed_of(seed, step, rank + j * world))
-            loss = compute_loss(engine, micro.to(device), step)
+            loss = compute_loss(engine, micro, step)
+            if j == 0 and step < int(t.max_steps):
+                # the host draws and sends the next batch while the device runs this forward (no torch RNG used)
+                ahead = fetch.next()
             engine.backward(loss)
             engine.step()
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach().double()
         skipped = engine.skipped_steps != skipped_before
         if not skipped:
             ema.update()
 
-        # One small all-reduce per step: global loss, data counts, the data-order check, and the stop request.
-        stats = torch.tensor([loss_sum, n_local, len(batch), float(batch.n_atoms.sum()), float(batch.mask.numel()),
-                              float(batch.mol_ids.sum()), float((batch.mol_ids.double() ** 2).sum()),
-                              1.0 if stop.signum is not None else 0.0], dtype=torch.float64, device=device)
-        dist.all_reduce(stats)  # on the device: NCCL reduces only GPU tensors
-        stats = stats.cpu()
-        g_loss = float(stats[0] / stats[1])
-        window["steps"] += 1
-        window["mols"] += float(stats[2])
-        window["atoms"] += float(stats[3])
-        window["slots"] += float(stats[4])
+        # One small all-reduce per step: global loss, data counts, the data-order check, and the stop request. It is
+        # read on the host a step late, or at once on the steps that log (the same on every rank: all decide alike).
+        pending = reduce_stats(loss_sum, [n_local, len(batch), float(batch.n_atoms.sum()), float(batch.mask.numel()),
+                                          float(batch.mol_ids.sum()), float((batch.mol_ids.double() ** 2).sum()),
+                                          1.0 if stop.signum is not None else 0.0], device)
+        if unread is not None:
+            last = unread.result()
+            absorb(last)
+            unread = None
+        log_now = step % int(t.log_every) == 0 or step == int(t.max_steps) or skipped
+        if log_now:
+            last = pending.result()
+            absorb(last)
+        else:
+            unread = pending
         bar.update(1)
 
         if skipped:
@@ -421,10 +438,12 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str, env: DistEnv, stop: _Sto
         else:
             nonfinite_row = 0
 
-        if rank == 0 and (step % int(t.log_every) == 0 or step == int(t.max_steps) or skipped):
+        if rank == 0 and log_now:
+            stats = last
+            g_loss = float(stats[0] / stats[1])
             dt = max(time.perf_counter() - window["t0"], 1e-9)
             gn = engine.get_global_grad_norm()
-            rec = {"step": step, "epoch": loader.epoch, "loss": g_loss,
+            rec = {"step": step, "epoch": cur.loader_state["epoch"], "loss": g_loss,
                    "grad_norm": None if gn is None else float(gn), "lr": float(engine.get_lr()[0]),
                    "it_per_s": window["steps"] / dt, "molecules_per_s": window["mols"] / dt,
                    "tokens_per_s": window["atoms"] / dt,
@@ -462,7 +481,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str, env: DistEnv, stop: _Sto
                     writer.add_scalar("val/nll", val["val_nll"], step)
                 log.info("step %d: validation NLL %.4f over %d molecules (EMA weights)", step, val["val_nll"],
                          val["val_molecules"])
-        preempted = float(stats[7]) > 0
+        preempted = last is not None and float(last[7]) > 0
         if step % int(t.ckpt_every) == 0 or step == int(t.max_steps) or preempted:
             path = save()
             if rank == 0:
