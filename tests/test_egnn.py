@@ -69,10 +69,24 @@ def test_edges_are_the_ordered_real_pairs_of_each_molecule():
     got = sorted(zip(e.row.tolist(), e.col.tolist()))
     want = sorted((i, j) for i in range(len(mol)) for j in range(len(mol)) if i != j and mol[i] == mol[j])
     assert got == want and e.n_nodes == 9
+    assert torch.equal(e.row[e.transpose], e.col) and torch.equal(e.col[e.transpose], e.row)
+    assert torch.equal(e.row, e.row.sort().values) and e.degree.tolist() == [4] * 5 + [0] + [2] * 3
     # Memory is linear in the real pairs: the same molecules padded to 40 slots give the same edges.
     wide = torch.cat([mask, torch.zeros(4, 31, dtype=torch.bool)], 1)
     assert real_pairs(wide).row.numel() == 5 * 4 + 3 * 2
     assert e.inv_degree.flatten().tolist() == [0.25] * 5 + [1.0] + [0.5] * 3
+
+
+def test_gathers_backpropagate_as_index_select():
+    mask = torch.arange(6)[None] < torch.tensor([6, 1, 4])[:, None]
+    e = real_pairs(mask)
+    a = torch.randn(e.n_nodes, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(e.row.numel(), 5, dtype=torch.float64)
+    for ours, index in ((e.at_row, e.row), (e.at_col, e.col)):
+        got = torch.autograd.grad((ours(a) * g).sum(), a)[0]
+        want = torch.autograd.grad((a.index_select(0, index) * g).sum(), a)[0]
+        assert torch.equal(ours(a), a.index_select(0, index))
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
 def dense_reference(model, z, mask, t):
