@@ -206,3 +206,20 @@ def test_bad_egnn_keys_are_one_line_config_errors(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as info:
         load_config(None, TINY + [override])
     assert "\n" not in str(info.value)
+
+
+def test_nll_and_sampling_run_on_the_egnn():
+    """The process's likelihood and sampler take the EGNN as they take the DiT kinds (float32, real elements)."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, TINY)).eval()
+    mask = torch.arange(5)[None] < torch.tensor([5, 3])[:, None]
+    Z = torch.tensor([[6, 1, 1, 8, 1], [7, 1, 1, 0, 0]])
+    batch = SimpleNamespace(mask=mask, atomic_numbers=Z, positions=torch.randn(2, 5, 3) * mask.unsqueeze(-1),
+                            mol_ids=torch.tensor([0, 1]))
+    with torch.no_grad():
+        nll = model.nll(batch, generator=torch.Generator().manual_seed(1))
+        x, z, m = model.sample(torch.tensor([4, 6]), steps=3, generator=torch.Generator().manual_seed(2))
+    assert nll.shape == (2,) and torch.isfinite(nll).all()
+    assert x.shape == (2, 6, 3) and torch.equal(m.sum(1), torch.tensor([4, 6])) and (z[m] > 0).all()
