@@ -106,6 +106,7 @@ def main() -> None:
     from symdiff.data.bundled import ensure_bundled_shards
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    commit = git_commit()  # the tree the runs start from, read before them
     with tempfile.TemporaryDirectory() as tmp:
         shards = ensure_bundled_shards(Path(tmp) / "shards")
         results = []
@@ -126,7 +127,7 @@ def main() -> None:
               for a, b in RATIO_PAIRS for n in args.nprocs if (a, n) in by and (b, n) in by]
     for r in ratios:
         print(f"{r['faster']} / {r['slower']} x{r['nproc']}: {r['molecules_per_s_ratio']:.2f}x molecules/s")
-    out = {"benchmark": "bench_train", "commit": git_commit(), "device": device, "machine": machine(),
+    out = {"benchmark": "bench_train", "commit": commit, "device": device, "machine": machine(),
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1"), "data": "bundled QM9 subset (train split)",
            "results": results, "ratios_same_run": ratios}
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
