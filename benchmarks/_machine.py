@@ -31,6 +31,18 @@ def machine() -> dict:
             "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()]}
 
 
+def git_commit() -> str:
+    """HEAD of the checkout the benchmark ran from, marked when tracked files had uncommitted changes."""
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                           capture_output=True, text=True).stdout.strip()
+    return res.stdout.strip() + ("+uncommitted changes" if dirty else "")
+
+
 def save(res: dict, stem: str, title: str, method: str, table: list[str]) -> None:
     """Write benchmarks/results/<stem>.json and .md; the .md opens with the machine and how busy it was."""
     import json

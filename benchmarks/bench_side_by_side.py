@@ -23,7 +23,9 @@ same load; the ratio then holds for that load and the absolute figures are lower
 scheduler). The load average before and after each run, the commit and the thread settings are stored with the
 result.
 
-Usage: .venv/bin/python benchmarks/bench_side_by_side.py [--configs symdiff_plus symdiff_ppp] [--passes 3]
+The harness's ``edm_plus`` (EDM's own EGNN) is paired with the product's ``qm9_edm_s`` (kind egnn, same size).
+
+Usage: .venv/bin/python benchmarks/bench_side_by_side.py [--configs symdiff_plus symdiff_ppp edm_plus] [--passes 3]
        [--steps 15] [--warmup 3] [--threads 2] [--no-idle-wait] [--omp-wait-policy default|PASSIVE|ACTIVE]
        [--merge] [--out benchmarks/results/side_by_side_DATE.json]
 """
@@ -46,7 +48,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 PEER = REPO.parent / "shared" / "peers" / "symdiff_official"
 QM9_NPZ = REPO.parent / "shared" / "data" / "qm9" / "qm9.npz"
 # harness config -> the project's config of the same architecture (SPEC §3.5)
-PROJECT_CONFIG = {"symdiff_plus": "qm9_symdiff_s", "symdiff_ppp": "qm9_symdiff_l"}
+PROJECT_CONFIG = {"symdiff_plus": "qm9_symdiff_s", "symdiff_ppp": "qm9_symdiff_l",
+                  # EDM's EGNN, nf 256 x 9 (5,339,920 parameters on both sides; tests/test_egnn.py)
+                  "edm_plus": "qm9_edm_s"}
 FOREIGN_MAX = 0.05  # the harness's own threshold: a step is disturbed when others used > 5% of the machine
 # --no-idle-wait: the same harness, imported and run unchanged except that it neither waits for an idle machine
 # nor drops disturbed steps, so that both sides are timed under the same load (the product cannot wait either).
@@ -212,13 +216,6 @@ def summarise(official: list[dict], project: list[dict]) -> dict:
     return out
 
 
-def git_commit() -> str:
-    res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    return res.stdout.strip() + ("+uncommitted changes" if dirty else "")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["symdiff_plus", "symdiff_ppp"], choices=sorted(PROJECT_CONFIG))
@@ -238,7 +235,7 @@ def main() -> int:
                     help="add these configs to an existing --out file (each merged config records its own run)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from _machine import machine
+    from _machine import git_commit, machine
 
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     out = Path(args.out or REPO / "benchmarks" / "results" / f"side_by_side_{date}.json")

@@ -54,8 +54,24 @@ class DataConfig:
 
 
 @dataclass
+class EGNNConfig:
+    """EDM's EGNN (model.kind egnn, symdiff/models/egnn.py); the defaults are EDM's QM9 model (EDM+, 5.34M)."""
+
+    nf: int = 256  # hidden width
+    n_layers: int = 9  # equivariant blocks
+    inv_sublayers: int = 1  # invariant message-passing layers per block
+    attention: bool = True  # sigmoid gate on each message
+    tanh: bool = True  # coordinate steps tanh(.) * coords_range
+    coords_range: float = 15.0
+    norm_constant: float = 1.0  # c in (x_i - x_j) / (d_ij + c)
+    sin_embedding: bool = False  # sinusoidal distance features instead of d_ij^2
+    normalization_factor: float = 1.0  # neighbour sums are divided by it (aggregation sum)
+    aggregation: str = "sum"  # sum | mean (over the n - 1 neighbours)
+
+
+@dataclass
 class ModelConfig:
-    # dit | dit_aug | symdiff_haar | symdiff
+    # dit | dit_aug | symdiff_haar | symdiff | egnn
     kind: str = "symdiff"
     hidden_size: int = 384
     depth: int = 12
@@ -80,6 +96,8 @@ class ModelConfig:
     # Attention over the packed atoms: auto (varlen on CUDA: jagged tensors, no mask, flash/efficient SDPA; padded
     # on CPU, today's exact numerics) | padded (boolean key mask) | varlen (symdiff/models/dit.py)
     attention: str = "auto"
+    # kind egnn only: the E(n)-equivariant GNN of EDM (the DiT and gamma keys above are unused by it)
+    egnn: EGNNConfig = field(default_factory=EGNNConfig)
 
 
 @dataclass
@@ -193,7 +211,8 @@ def _matches(pattern: str, human: str) -> tuple[Check, str]:
 # Kept literal rather than imported from the model/kernel modules: importing those pulls in torch, and `symdiff
 # data`/`submit` validate configs without it. tests/test_config.py checks the lists against the modules.
 DATASETS = ("qm9", "geom")
-MODEL_KINDS = ("dit", "dit_aug", "symdiff_haar", "symdiff")
+MODEL_KINDS = ("dit", "dit_aug", "symdiff_haar", "symdiff", "egnn")
+EGNN_AGGREGATIONS = ("sum", "mean")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 LINEAR_BACKENDS = ("auto", "onednn", "aten")
 ATTENTIONS = ("auto", "padded", "varlen")  # symdiff/models/dit.py ATTENTIONS (kept here: config imports no torch)
@@ -232,6 +251,13 @@ RULES: dict[str, tuple[Check, str]] = {
     "model.kernel_backend": _one_of(*KERNEL_BACKENDS),
     "model.linear_backend": _one_of(*LINEAR_BACKENDS),
     "model.attention": _one_of(*ATTENTIONS),
+    "model.egnn.nf": _int_at_least(1),
+    "model.egnn.n_layers": _int_at_least(1),
+    "model.egnn.inv_sublayers": _int_at_least(1),
+    "model.egnn.coords_range": _positive(),
+    "model.egnn.norm_constant": _non_negative(),
+    "model.egnn.normalization_factor": _positive(),
+    "model.egnn.aggregation": _one_of(*EGNN_AGGREGATIONS),
     "diffusion.timesteps": _int_at_least(1),
     "diffusion.schedule": _matches(r"polynomial_\d+(\.\d+)?", "polynomial_<power>, e.g. polynomial_2"),
     "diffusion.precision": _open_interval(0.0, 0.5),

@@ -68,7 +68,7 @@ BAD_VALUES = [
     ("diffusion.normalize_factors=[1,4,10,2]", "diffusion.normalize_factors"),
     ("diffusion.normalize_factors=[1,0,10]", "diffusion.normalize_factors"),
     ("diffusion.normalize_factors=[1,-4,10]", "diffusion.normalize_factors"),
-    ("model.kind=egnn", "model.kind"), ("model.hidden_size=0", "model.hidden_size"),
+    ("model.kind=mace", "model.kind"), ("model.hidden_size=0", "model.hidden_size"),
     ("model.depth=0", "model.depth"), ("model.num_heads=0", "model.num_heads"),
     ("model.mlp_ratio=0", "model.mlp_ratio"), ("model.gamma_depth=0", "model.gamma_depth"),
     ("model.kernel_backend=cuda", "model.kernel_backend"), ("model.linear_backend=mkl", "model.linear_backend"),

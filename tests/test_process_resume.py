@@ -1,6 +1,7 @@
 """Each process trains, resumes bitwise under ZeRO-2 with 2 processes, and samples molecules `symdiff eval` scores.
 
-Issue 13, per process (vdm and flow here; vpsde joins the parametrisation when its config exists). Same tiny
+Issue 13, per process (vdm and flow here; vpsde joins the parametrisation when its config exists), and issue 15's
+EGNN denoiser on vdm. Same tiny
 widths and subprocess harness as tests/test_train_distributed.py: an uninterrupted 2-process ZeRO-2 run of
 STEPS steps is the reference; a run stopped at step 3 (max_steps=3) and restarted in the same run directory must
 log bitwise the same losses at every step and end on bitwise the same weights and EMA. Then 20 molecules sampled
@@ -21,6 +22,8 @@ STEPS = 6
 CASES = [(p, ()) for p in ("vdm", "flow", "vpsde")
          if p != "vpsde" or (REPO / "configs" / "qm9_tiny_vpsde.yaml").is_file()]
 CASES.append(("flow", ("diffusion.flow_align=hungarian_kabsch",)))
+# The EGNN denoiser (issue 15) on the vdm process: the same train, resume, sample and eval path as SymDiff.
+CASES.append(("vdm", ("model.kind=egnn", "model.egnn.nf=16", "model.egnn.n_layers=2")))
 
 
 def _symdiff(*args: str) -> subprocess.CompletedProcess:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("benchmarks") / "results"
 DOCS = ("README.md", "docs/data.md", "docs/eval.md", "docs/kernels.md", "docs/model.md", "docs/training.md",
-        "docs/cluster.md")
+        "docs/cluster.md", "docs/benchmarks.md")
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,78 @@ def _speed_checks(doc: str) -> list[Check]:
         (lambda d: d["configs"]["qm9_symdiff_s"]["train"]["mol_per_s"], "{:.1f} mol/s for SymDiff+"),)))
     out.append(Check(doc, "mol/s for SymDiff+++ (`model_speed", "model_speed_2026-11-25_quiet.json", (
         (lambda d: d["configs"]["qm9_symdiff_l"]["train"]["mol_per_s"], "{:.1f} mol/s for SymDiff+++"),)))
+    return out
+
+
+EGNN_SBS = "side_by_side_egnn_2026-12-01.json"
+PAPER = "paper_speed_tables.json"
+EGNN_PARAMS = "egnn_params_official.json"
+
+
+def _egnn_checks() -> list[Check]:
+    """docs/benchmarks.md (our egnn against the official EGNN, the paper's tables) and the EGNN counts of
+    docs/model.md."""
+    doc = "docs/benchmarks.md"
+    c = lambda d: d["configs"]["edm_plus"]  # noqa: E731
+    out = [
+        Check(doc, "| training, molecules/s |", EGNN_SBS, (
+            (lambda d: c(d)["summary"]["official_molecules_per_s"], "{:.2f}"),
+            (lambda d: c(d)["summary"]["project_molecules_per_s"], "{:.2f}"),
+            (lambda d: c(d)["summary"]["ratio_project_over_official"], "{:.2f}"))),
+        Check(doc, "| per pass |", EGNN_SBS, tuple(
+            (lambda d, side=side, i=i: c(d)[side][i]["molecules_per_s"], "{:.2f}")
+            for side in ("official", "project") for i in (0, 1))),
+        Check(doc, "Goal: ours at least 1.5x the official", EGNN_SBS, (
+            (lambda d: c(d)["summary"]["ratio_project_over_official"], "({:.2f}x)"),)),
+        Check(doc, "the official step took", EGNN_SBS, (
+            (lambda d: min(x for r in c(d)["official"] for x in r["step_s"]), "{:.0f}"),
+            (lambda d: max(x for r in c(d)["official"] for x in r["step_s"]), "{:.0f} s"))),
+        Check(doc, "load averages of", EGNN_SBS, (
+            (lambda d: min(r[k][0] for side in ("official", "project") for r in c(d)[side]
+                           for k in ("load_average_before", "load_average_after")), "{:.0f} to"),
+            (lambda d: max(r[k][0] for side in ("official", "project") for r in c(d)[side]
+                           for k in ("load_average_before", "load_average_after")), "to {:.0f} on"))),
+        Check(doc, "--omp-wait-policy PASSIVE`, at commit", EGNN_SBS, (
+            (lambda d: int(d["commit"][:7], 16), "{:x}"),)),
+    ]
+    bt = "train_egnn_symdiff_cpu_2026-12-01.json"
+    row = lambda d, config: next(r for r in d["results"] if r["config"] == config)  # noqa: E731
+    for label, config, sample in (("EDM+ (`qm9_edm_s`", "qm9_edm_s", True), ("EDM+++ (`qm9_edm_l`", "qm9_edm_l", False),
+                                  ("SymDiff+ (`qm9_symdiff_s`", "qm9_symdiff_s", True)):
+        vals = [(lambda d, config=config: row(d, config)["median_step_s"], "{:.2f} s"),
+                (lambda d, config=config: row(d, config)["molecules_per_s_median_step"], "{:.2f}")]
+        if sample:
+            vals.append((lambda d, config=config: row(d, config)["sample"]["s_per_molecule_1000_steps"], "{:.1f}"))
+        out.append(Check(doc, f"| {label}", bt, tuple(vals)))
+    ratio = lambda d, b: next(r["molecules_per_s_ratio"] for r in d["ratios_same_run"] if r["slower"] == b)  # noqa
+    out.append(Check(doc, "SymDiff+ over EDM+++ at the nearest budget", bt, (
+        (lambda d: ratio(d, "qm9_edm_l"), "**{:.2f}x**"), (lambda d: ratio(d, "qm9_edm_s"), "{:.2f}x"))))
+    out.append(Check(doc, "from commit 53fe933", bt, ((lambda d: int(d["commit"], 16), "{:x}"),)))
+    for name, key in (("EDM+", "EDM+"), ("EDM++", "EDM++"), ("EDM+++", "EDM+++"), ("SymDiff+", "SymDiff+"),
+                      ("SymDiff++", "SymDiff++"), ("SymDiff+++", "SymDiff+++")):
+        out.append(Check(doc, f"| {name} |", PAPER, (
+            (lambda d, key=key: d["qm9_table3"][key]["train_it_per_s"], "{:.2f}"),
+            (lambda d, key=key: d["qm9_table3"][key]["s_per_sample"], "{:.2f}"))))
+    for name in ("SymDiff+", "SymDiff++", "SymDiff+++"):
+        out.append(Check(doc, f"| GEOM {name} |", PAPER, (
+            (lambda d, name=name: d["geom_table11"][name]["train_it_per_s"], "{:.2f}"),
+            (lambda d, name=name: d["geom_table11"][name]["s_per_sample"], "{:.2f}"))))
+    out.append(Check(doc, "Its speed ratios at batch 256", PAPER, tuple(
+        (lambda d, k=k: d["ratios"][k], "{:.2f}") for k in ("SymDiff+ / EDM+ it/s", "SymDiff+++ / EDM+++ it/s"))))
+    out.append(Check(doc, "(the nearest parameter budgets)", PAPER, (
+        (lambda d: d["ratios"]["SymDiff+ / EDM+++ it/s"], "{:.2f}"),)))
+    out.append(Check(doc, "Our EDM+++ has", EGNN_PARAMS, (
+        (lambda d: d["project_configs"]["qm9_edm_l"]["official_params"], "{:,}"),)))
+    out.append(Check("README.md", "| EGNN parameter counts (EDM+", EGNN_PARAMS, tuple(
+        (lambda d, config=config: d["project_configs"][config]["official_params"], "{:,}")
+        for config in ("qm9_edm_s", "qm9_edm_m", "qm9_edm_l", "geom_edm_s"))))
+    out.append(Check("README.md", "| training step, EDM+ EGNN", EGNN_SBS, (
+        (lambda d: c(d)["summary"]["ratio_project_over_official"], "{:.2f}x"),
+        (lambda d: c(d)["summary"]["project_molecules_per_s"], "ours {:.2f} mol/s"),
+        (lambda d: c(d)["summary"]["official_molecules_per_s"], "official {:.2f} mol/s"))))
+    for config in ("qm9_edm_s", "qm9_edm_m", "qm9_edm_l", "geom_edm_s"):
+        out.append(Check("docs/model.md", f"| `configs/{config}.yaml` |", EGNN_PARAMS, (
+            (lambda d, config=config: d["project_configs"][config]["official_params"], "{:,}"),)))
     return out
 
 
@@ -360,6 +432,7 @@ CHECKS: list[Check] = [
         (lambda d: d["median"]["fp32"]["it_per_s"], "fp32 {:.2f} it/s"),
         (lambda d: d["median"]["bf16"]["it_per_s"], "bf16 {:.2f} it/s"),
         (lambda d: d["bf16_over_fp32_it_per_s"], "({:.2f}x)"))),
+    *_egnn_checks(),
     Check("docs/model.md", "stability as the 250-step sampler", "rescore_qm9_tiny_symdiff_60min_1000_vs_250_steps.json",
           ((lambda d: pct(d["rescores"][0]["atom_stability"]), "{:.1f}%"),
            (lambda d: pct(d["rescores"][1]["atom_stability"]), "{:.1f}%"))),

@@ -31,8 +31,13 @@ def run(args: argparse.Namespace) -> int:
     params = count_params(model)
     m = cfg.model
     print(f"config     {args.config}  (kind={m.kind}, dataset={cfg.data.dataset})")
-    print(f"eps        {params['eps']:>13,d}   H={m.hidden_size} depth={m.depth} heads={m.num_heads} "
-          f"n_z={m.xh_hidden_size} K={m.num_gaussians}")
+    if m.kind == "egnn":
+        e = m.egnn
+        print(f"eps        {params['eps']:>13,d}   EGNN nf={e.nf} layers={e.n_layers} "
+              f"inv_sublayers={e.inv_sublayers}")
+    else:
+        print(f"eps        {params['eps']:>13,d}   H={m.hidden_size} depth={m.depth} heads={m.num_heads} "
+              f"n_z={m.xh_hidden_size} K={m.num_gaussians}")
     print(f"gamma      {params['gamma']:>13,d}   " + (
         f"m={m.gamma_hidden_size} depth={m.gamma_depth} heads={m.gamma_num_heads} m'={m.gamma_dec_hidden}"
         if model.gamma_net is not None else "(no learned gamma for this kind)"))

@@ -7,6 +7,9 @@ One code path for the four variants of ``model.kind`` (SPEC §3.7):
 * ``symdiff_haar`` out = R f(R^T z) with R ~ Haar(O(3)) at every call (training, NLL, sampling);
 * ``symdiff``      the same with R = R0 Qf from the learned gamma_theta (paper §3, SPEC §2.7).
 
+The fifth kind, ``egnn`` (EDM's equivariant GNN, symdiff/models/egnn.py), is its own denoiser class on the same
+call and the same :class:`DenoiserBase`: equivariant by construction, it needs no R.
+
 f is the S_N-equivariant DiT over [W_I z, Psi] with Psi the pooled Gaussian distance embedding. What the output
 means (eps for vdm, a velocity for flow) is the process's business: the denoiser only maps a state
 [x, h] of shape [B, N, 3 + d] to one of the same shape, with the x channels rotated back and CoM-free.
@@ -53,7 +56,32 @@ class EpsNet(nn.Module):
         return self.dit(tokens, t, pk)
 
 
-class Denoiser(nn.Module):
+class DenoiserBase(nn.Module):
+    """What every denoiser shares: the state and network dtypes, read off one of its parameters, and Haar draws."""
+
+    def _weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The state's dtype: float32 (float64 for a model cast to double) whatever the weights are (SPEC §2.6)."""
+        w = self._weight().dtype
+        return w if w in (torch.float32, torch.float64) else torch.float32
+
+    @property
+    def net_dtype(self) -> torch.dtype:
+        """The dtype the network body computes in (the parameters' dtype: bf16 under DeepSpeed's bf16 mode)."""
+        return self._weight().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._weight().device
+
+    def haar(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return haar_o3(batch, dtype=self.dtype, device=self.device, backend=self.backend, generator=generator)
+
+
+class Denoiser(DenoiserBase):
     """out = denoiser(z, mask, t, R=None, R0=None, eta=None, generator=None): the symmetrised R f(R^T x, h)."""
 
     def __init__(self, kind: str, embedding: GaussianEmbedding, eps_net: EpsNet, gamma_net: Optional[GammaNet],
@@ -69,23 +97,8 @@ class Denoiser(nn.Module):
         self.eps_net = eps_net
         self.gamma_net = gamma_net
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The state's dtype: float32 (float64 for a model cast to double) whatever the weights are (SPEC §2.6)."""
-        w = self.embedding.mu.dtype
-        return w if w in (torch.float32, torch.float64) else torch.float32
-
-    @property
-    def net_dtype(self) -> torch.dtype:
-        """The dtype the network body computes in (the parameters' dtype: bf16 under DeepSpeed's bf16 mode)."""
-        return self.embedding.mu.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embedding.mu.device
-
-    def haar(self, batch: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        return haar_o3(batch, dtype=self.dtype, device=self.device, backend=self.backend, generator=generator)
+    def _weight(self) -> torch.Tensor:
+        return self.embedding.mu
 
     def augment(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Training-time data augmentation: a Haar-random g x per molecule for ``dit_aug``, x itself otherwise."""

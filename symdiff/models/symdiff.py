@@ -31,8 +31,9 @@ from symdiff.diffusion import build_process, edm
 from symdiff.diffusion.schedule import NoiseSchedule
 from symdiff.diffusion.vdm import VDM, Features
 from symdiff.errors import DataError
-from symdiff.models.denoiser import KINDS, Denoiser, EpsNet
+from symdiff.models.denoiser import KINDS as DIT_KINDS, Denoiser, EpsNet
 from symdiff.models.dit import Packing
+from symdiff.models.egnn import EGNNDenoiser
 from symdiff.models.embedding import GaussianEmbedding
 from symdiff.models.gamma import GammaNet
 
@@ -40,7 +41,7 @@ __all__ = ["KINDS", "EpsNet", "SymDiffModel", "default_n_hist"]
 
 log = logging.getLogger(__name__)
 
-KINDS = ("dit", "dit_aug", "symdiff_haar", "symdiff")
+KINDS = DIT_KINDS + ("egnn",)
 
 # Training-split atom-count histograms of SPEC §1.4 / Appendix A: the default p(N) until a run sets its own.
 QM9_N_HIST = {3: 1, 4: 4, 5: 5, 6: 9, 7: 16, 8: 49, 9: 124, 10: 362, 11: 807, 12: 1689, 13: 3060, 14: 5136,
@@ -91,29 +92,12 @@ class SymDiffModel(nn.Module):
         self.norm_x, self.norm_cat, self.norm_int = (float(v) for v in dc.normalize_factors)
         if dc.parameterization != "eps":
             raise ConfigError(f"diffusion.parameterization '{dc.parameterization}' is not implemented (only 'eps')")
-        for width, heads, key in ((mc.hidden_size, mc.num_heads, "model.hidden_size/num_heads"),
-                                  (mc.gamma_hidden_size, mc.gamma_num_heads, "model.gamma_hidden_size/gamma_num_heads")):
-            if int(heads) < 1 or int(width) % int(heads):
-                raise ConfigError(f"{key}: {width} is not divisible into {heads} attention heads")
         if not str(dc.schedule).startswith("polynomial_"):
             raise ConfigError(f"diffusion.schedule '{dc.schedule}' is not supported (polynomial_<power>)")
-        n_emb = int(mc.hidden_size) - int(mc.xh_hidden_size)
-        if n_emb <= 0:
-            raise ConfigError(f"model.hidden_size ({mc.hidden_size}) must exceed model.xh_hidden_size "
-                             f"({mc.xh_hidden_size}): the rest is the distance embedding")
-        embedding = GaussianEmbedding(int(mc.num_gaussians), n_emb, backend=self.backend)
-        eps_net = EpsNet(3 + self.d, int(mc.xh_hidden_size), int(mc.hidden_size), int(mc.depth),
-                         int(mc.num_heads), float(mc.mlp_ratio))
-        gamma_net: Optional[GammaNet] = None
-        if self.kind == "symdiff":
-            gamma_net = GammaNet(n_emb, int(mc.gamma_hidden_size), int(mc.gamma_depth),
-                                 int(mc.gamma_num_heads), float(mc.gamma_mlp_ratio), int(mc.gamma_dec_hidden),
-                                 int(mc.gamma_noise_dims), bool(getattr(mc, "gamma_final_norm", True)),
-                                 backend=self.backend)
-        # The networks are registered here under their old names (state dicts unchanged); the denoiser is a
-        # view of the same submodules, kept out of the module tree so nothing is registered twice.
-        self.embedding, self.eps_net, self.gamma_net = embedding, eps_net, gamma_net
-        object.__setattr__(self, "denoiser", Denoiser(self.kind, embedding, eps_net, gamma_net, self.backend))
+        if self.kind == "egnn":
+            self._build_egnn(mc)
+        else:
+            self._build_dit(mc)
         try:
             set_linear_backend(self, str(getattr(mc, "linear_backend", "auto")))
         except ValueError as exc:
@@ -139,6 +123,39 @@ class SymDiffModel(nn.Module):
         # counts: casting the model to another float dtype (bf16 engines, .double()) leaves them exact.
         self.register_buffer("n_atoms_hist", torch.zeros(max_n + 1, dtype=torch.long))
         self.set_n_atoms_histogram(default_n_hist(cfg.data.dataset, bool(cfg.data.remove_h)))
+
+    def _build_dit(self, mc: Any) -> None:
+        """The DiT eps'-network, the Gaussian embedding and (kind symdiff) gamma, under their checkpoint names."""
+        for width, heads, key in ((mc.hidden_size, mc.num_heads, "model.hidden_size/num_heads"),
+                                  (mc.gamma_hidden_size, mc.gamma_num_heads, "model.gamma_hidden_size/gamma_num_heads")):
+            if int(heads) < 1 or int(width) % int(heads):
+                raise ConfigError(f"{key}: {width} is not divisible into {heads} attention heads")
+        n_emb = int(mc.hidden_size) - int(mc.xh_hidden_size)
+        if n_emb <= 0:
+            raise ConfigError(f"model.hidden_size ({mc.hidden_size}) must exceed model.xh_hidden_size "
+                             f"({mc.xh_hidden_size}): the rest is the distance embedding")
+        embedding = GaussianEmbedding(int(mc.num_gaussians), n_emb, backend=self.backend)
+        eps_net = EpsNet(3 + self.d, int(mc.xh_hidden_size), int(mc.hidden_size), int(mc.depth),
+                         int(mc.num_heads), float(mc.mlp_ratio))
+        gamma_net: Optional[GammaNet] = None
+        if self.kind == "symdiff":
+            gamma_net = GammaNet(n_emb, int(mc.gamma_hidden_size), int(mc.gamma_depth),
+                                 int(mc.gamma_num_heads), float(mc.gamma_mlp_ratio), int(mc.gamma_dec_hidden),
+                                 int(mc.gamma_noise_dims), bool(getattr(mc, "gamma_final_norm", True)),
+                                 backend=self.backend)
+        # The networks are registered here under their old names (state dicts unchanged); the denoiser is a
+        # view of the same submodules, kept out of the module tree so nothing is registered twice.
+        self.embedding, self.eps_net, self.gamma_net = embedding, eps_net, gamma_net
+        object.__setattr__(self, "denoiser", Denoiser(self.kind, embedding, eps_net, gamma_net, self.backend))
+
+    def _build_egnn(self, mc: Any) -> None:
+        """EDM's EGNN (symdiff/models/egnn.py): registered as ``egnn``, and the denoiser itself."""
+        e = mc.egnn
+        self.embedding = self.eps_net = self.gamma_net = None
+        self.egnn = EGNNDenoiser(self.d, int(e.nf), int(e.n_layers), int(e.inv_sublayers), bool(e.attention),
+                                 bool(e.tanh), float(e.coords_range), float(e.norm_constant), bool(e.sin_embedding),
+                                 float(e.normalization_factor), str(e.aggregation), backend=self.backend)
+        object.__setattr__(self, "denoiser", self.egnn)
 
     # ------------------------------------------------------------------ sizes and p(N)
     @property

@@ -1,0 +1,144 @@
+"""The paper's ablation at a budget that fits this machine: every kind, several seeds, the same fixed steps.
+
+For each (kind, seed) the product runs as a user would: `symdiff train` (a fixed ``--steps``, DeepSpeed, real QM9
+shards), `symdiff sample --run` (EMA weights), `symdiff eval --samples` (EDM metrics: atom and molecule stability,
+validity, uniqueness) and `symdiff eval --nll` (the test NLL of the paper's bound). The kinds share qm9_tiny's
+widths; ``egnn`` runs configs/qm9_tiny_egnn.yaml (EDM's EGNN at nf 64 x 4). The table holds mean ± std over seeds
+(population std over the seeds' values); the PNG shows each kind's training loss (mean over seeds) by step, from
+the runs' own metrics.jsonl.
+
+The default data is the bundled real QM9 subset (6,000 training, 1,500 test molecules); ``--data-root DIR`` takes
+shards of the full set (`symdiff data build --dataset qm9 --source ../shared/data/qm9/qm9.npz --out DIR`).
+
+Usage: .venv/bin/python benchmarks/bench_quality.py [--kinds dit dit_aug symdiff_haar symdiff egnn]
+       [--seeds 0 1 2] [--steps 2000] [--samples 200] [--sample-steps 250] [--data-root DIR]
+       [--out-stem quality_qm9_tiny_DATE]      (writes benchmarks/results/STEM.json, .md and .png)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+KINDS = ("dit", "dit_aug", "symdiff_haar", "symdiff", "egnn")
+METRICS = ("nll", "atom_stability", "mol_stability", "validity", "uniqueness")
+
+
+def config_of(kind: str) -> tuple[Path, list[str]]:
+    if kind == "egnn":
+        return REPO / "configs" / "qm9_tiny_egnn.yaml", []
+    return REPO / "configs" / "qm9_tiny.yaml", [f"model.kind={kind}"]
+
+
+def symdiff(*args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "symdiff.cli", *args], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+    if res.returncode != 0:
+        raise RuntimeError(f"symdiff {args[0]} failed:\n{(res.stdout + res.stderr)[-3000:]}")
+    return res.stdout + res.stderr
+
+
+def run_one(kind: str, seed: int, args, work: Path) -> dict:
+    config, overrides = config_of(kind)
+    run = work / f"{kind}_seed{seed}"
+    data = [f"data.root={args.data_root}"] if args.data_root else []
+    symdiff("train", "--config", str(config), "--run-dir", str(run), "--resume", "never", *overrides, *data,
+            f"train.seed={seed}", f"train.max_steps={args.steps}", f"train.ckpt_every={args.steps}",
+            "train.log_every=10", "train.eval_every=0")
+    sdf, scores, nll = run / "samples.sdf", run / "metrics_edm.json", run / "nll.json"
+    symdiff("sample", "--run", str(run), "--n", str(args.samples), "--steps", str(args.sample_steps), "--seed",
+            str(seed), "--out", str(sdf), "--no-progress")
+    root = args.data_root or "bundled:qm9"
+    symdiff("eval", "--samples", str(sdf), "--dataset", "qm9", "--data-root", root, "--json", str(scores))
+    symdiff("eval", "--nll", str(run), "--dataset", "qm9", "--seed", str(seed), "--json", str(nll), *(
+        ["--data-root", args.data_root] if args.data_root else []))
+    s, n = json.loads(scores.read_text()), json.loads(nll.read_text())
+    loss = [(r["step"], r["loss"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    return {"kind": kind, "seed": seed, "nll": n["nll"], **{k: s[k] for k in METRICS[1:]}, "loss_curve": loss}
+
+
+def summarise(runs: list[dict]) -> dict:
+    out = {}
+    for kind in dict.fromkeys(r["kind"] for r in runs):
+        rows = [r for r in runs if r["kind"] == kind]
+        out[kind] = {m: {"mean": statistics.fmean(r[m] for r in rows), "std": statistics.pstdev([r[m] for r in rows]),
+                         "n_seeds": len(rows)} for m in METRICS}
+    return out
+
+
+def table(summary: dict) -> list[str]:
+    lines = ["| kind | NLL | atom stability % | mol stability % | validity % | uniqueness % |",
+             "|---|---|---|---|---|---|"]
+    for kind, s in summary.items():
+        cells = [f"{s['nll']['mean']:.2f} ± {s['nll']['std']:.2f}"]
+        cells += [f"{100 * s[m]['mean']:.1f} ± {100 * s[m]['std']:.1f}" for m in METRICS[1:]]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind in dict.fromkeys(r["kind"] for r in runs):
+        curves = [dict(r["loss_curve"]) for r in runs if r["kind"] == kind]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], label=kind)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (mean over seeds)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--sample-steps", type=int, default=250)
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--out-stem", default=None)
+    args = ap.parse_args()
+    from _machine import git_commit, machine, save
+
+    commit, date = git_commit(), dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    stem = args.out_stem or f"quality_qm9_tiny_{date}"
+    res = {"benchmark": "bench_quality", "commit": commit, "machine": machine(), "steps": args.steps,
+           "seeds": args.seeds, "samples": args.samples, "sample_steps": args.sample_steps,
+           "data": args.data_root or "bundled QM9 subset (6,000 train / 1,500 test)", "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:  # seeds outermost: a cut-off run still covers every kind
+            for kind in args.kinds:
+                r = run_one(kind, seed, args, Path(tmp))
+                res["runs"].append(r)
+                print(f"{kind:13s} seed {seed}: NLL {r['nll']:.2f}, atom {100 * r['atom_stability']:.1f}%, "
+                      f"mol {100 * r['mol_stability']:.1f}%", flush=True)
+    res["summary"] = summarise(res["runs"])
+    png = REPO / "benchmarks" / "results" / f"{stem}.png"
+    plot(res["runs"], png)
+    method = (f"`symdiff train` for {args.steps} steps per kind and seed ({len(args.seeds)} seeds), then "
+              f"`symdiff sample` ({args.samples} molecules, {args.sample_steps} steps), `symdiff eval` and "
+              f"`symdiff eval --nll`; mean ± std over seeds. Loss curves: {png.name}. Commit {commit}.")
+    save(res, stem, "Ablation at a CPU budget: every kind, same steps", method, table(res["summary"]))
+    print("\n".join(table(res["summary"])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
