@@ -9,6 +9,7 @@ from typing import Any
 
 from symdiff.diffusion.flow import Flow
 from symdiff.diffusion.process import Process
+from symdiff.diffusion.quotient import permutation_target
 from symdiff.diffusion.schedule import NoiseSchedule, polynomial_alpha2
 from symdiff.diffusion.vdm import VDM
 from symdiff.diffusion.vpsde import VPSDE
@@ -29,4 +30,5 @@ def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> 
                            precision=float(dc.precision), backend=backend, **extra)
 
 
-__all__ = ["NoiseSchedule", "polynomial_alpha2", "Process", "VDM", "VPSDE", "Flow", "PROCESSES", "build_process"]
+__all__ = ["NoiseSchedule", "polynomial_alpha2", "Process", "VDM", "VPSDE", "Flow", "PROCESSES", "build_process",
+           "permutation_target"]
