@@ -217,3 +217,20 @@ def permutation_target(z_t: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, a
             states = mcmc_chain(C, mask, int(opts["steps"]), int(opts["burn_in"]), int(opts["samples"]), generator)
             mx = _gather_atoms(x, states).mean(0)
         return _target(z_t, x, mx, alpha, sigma)
+
+
+def training_target(target: str, eps: torch.Tensor, z_t: torch.Tensor, x: torch.Tensor, mask: torch.Tensor,
+                    alpha: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Generator] = None,
+                    options: Optional[dict[str, Any]] = None) -> torch.Tensor:
+    """What a Gaussian process regresses eps_hat on: the drawn ``eps`` itself for ``standard`` (the very tensor,
+    so today's loss is bitwise unchanged), else :func:`permutation_target` with ``target`` as the estimator."""
+    if target == "standard":
+        return eps
+    return permutation_target(z_t, x, mask, alpha, sigma, target, generator, **(options or {}))
+
+
+def target_options(diffusion_cfg: Any) -> dict[str, Any]:
+    """The estimator settings a ``diffusion`` config section holds for its target (only mcmc has any)."""
+    if str(getattr(diffusion_cfg, "target", "standard")) != "mcmc":
+        return {}
+    return {k: int(getattr(diffusion_cfg, f"mcmc_{k}", v)) for k, v in MCMC_DEFAULTS.items()}
