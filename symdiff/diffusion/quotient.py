@@ -125,9 +125,11 @@ class SwapChain:
         B, N, _ = C.shape
         self.cost = _masked_cost(C, mask)
         self.logp = torch.log_softmax(self.cost, dim=2)  # p_i(j): each row has at least one finite entry
-        self.probs = self.logp.exp()
-        # i uniform over the real atoms; a molecule with none draws a padded row, whose only move is to itself.
-        self.row_w = mask.to(C.dtype) + (mask.sum(1, keepdim=True) == 0).to(C.dtype)
+        # Inverse-CDF draws (one uniform each, no multinomial): j from the row's cumulative p_i, i from the real
+        # atoms listed first (a molecule with none lists a padded row, whose only move is to itself).
+        self.cdf = torch.cumsum(self.logp.exp(), dim=2)
+        self.real = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        self.n_real = mask.sum(1).clamp(min=1)
         self.bidx = torch.arange(B, device=C.device)
         self.perm = (torch.arange(N, device=C.device).expand(B, N) if start is None else start).clone()
         self.inv = torch.argsort(self.perm, dim=1)
@@ -135,18 +137,20 @@ class SwapChain:
     def step(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """One Metropolis-Hastings step of every chain; returns which chains moved [B]."""
         b, Cm, logp = self.bidx, self.cost, self.logp
-        i = torch.multinomial(self.row_w, 1, generator=generator).squeeze(1)
-        j = torch.multinomial(self.probs[b, i], 1, generator=generator).squeeze(1)
-        k = self.inv[b, j]
-        pi_i, pi_k = self.perm[b, i], j
+        u = torch.rand(3, b.shape[0], dtype=Cm.dtype, device=Cm.device, generator=generator)
+        i = self.real[b, torch.minimum((u[0] * self.n_real).long(), self.n_real - 1)]
+        cdf = self.cdf[b, i]
+        j = torch.searchsorted(cdf, (u[1] * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp(max=Cm.shape[1] - 1)
+        pi_i = self.perm[b, i]
+        pi_k = torch.where(torch.isfinite(Cm[b, i, j]), j, pi_i)  # a draw rounded past the last real atom: stay
+        k = self.inv[b, pi_k]
         # log w(pi') - log w(pi): rows i and k exchange their images.
         dlogw = Cm[b, i, pi_k] + Cm[b, k, pi_i] - Cm[b, i, pi_i] - Cm[b, k, pi_k]
         log_back = torch.logaddexp(logp[b, i, pi_i], logp[b, k, pi_k])
         log_fwd = torch.logaddexp(logp[b, i, pi_k], logp[b, k, pi_i])
         moved = k != i  # j = pi(i) proposes staying put
         log_ratio = torch.where(moved, dlogw + log_back - log_fwd, torch.zeros_like(dlogw))
-        u = torch.rand(i.shape[0], dtype=Cm.dtype, device=Cm.device, generator=generator)
-        accept = (torch.log(u) < log_ratio) & moved
+        accept = (torch.log(u[2]) < log_ratio) & moved
         new_i, new_k = torch.where(accept, pi_k, pi_i), torch.where(accept, pi_i, pi_k)
         self.perm[b, i], self.perm[b, k] = new_i, new_k
         self.inv[b, new_i], self.inv[b, new_k] = i, k
