@@ -136,13 +136,14 @@ def train_case(config: str, shards: Path, work: Path, target: str, extra: list[s
     run_dir = work / f"{config}_{target}"
     cmd = [sys.executable, "-m", "symdiff.cli", "train", "--config", str(REPO / "configs" / f"{config}.yaml"),
            "--run-dir", str(run_dir), f"data.root={shards}", f"train.max_steps={steps}", "train.log_every=1",
-           f"train.ckpt_every={10 * steps}", "--resume", "never", *extra]
+           f"train.ckpt_every={10 * steps}", *extra]
     if target.startswith("mcmc"):
         o = ESTIMATORS[target][1]
         cmd += ["diffusion.target=mcmc", f"diffusion.mcmc_steps={o['steps']}", f"diffusion.mcmc_burn_in={o['burn_in']}",
                 f"diffusion.mcmc_samples={o['samples']}"]
     elif target != "standard":
         cmd += [f"diffusion.target={target}"]
+    cmd += ["--resume", "never"]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
