@@ -8,11 +8,11 @@ training step.
    adds. On the small molecules also the estimators' error against exact, E|T - T_exact|^2 per component.
 2. Cost: `symdiff train` runs (the product, DeepSpeed, one process) with diffusion.target = standard, mcmc and
    hungarian in one benchmark run, on bundled QM9 (qm9_tiny) and on the real GEOM-Drugs sample (geom_symdiff_s
-   widths); median step times from the runs' metrics.jsonl after warm-up; the estimator's share of a step is
-   1 - t_standard / t_target. Beside it, permutation_target alone timed in this process at the same batch shapes
+   widths), interleaved repeats; median step times from the runs' metrics.jsonl after warm-up, the median over
+   repeats; the estimator's share of a step is 1 - t_standard / t_target. Beside it, permutation_target alone timed in this process at the same batch shapes
    and at N = 181 (GEOM's largest molecule, by tiling real GEOM conformers), medians of repeats.
 
-Usage: .venv/bin/python benchmarks/bench_quotient.py [--molecules 64] [--draws 4] [--steps 16] [--warmup 4]
+Usage: .venv/bin/python benchmarks/bench_quotient.py [--molecules 64] [--draws 4] [--steps 16] [--warmup 4] [--repeats 3]
        [--out STEM]   (writes benchmarks/results/STEM.json and STEM.md)
 """
 from __future__ import annotations
@@ -134,6 +134,7 @@ def estimator_time(xh, mask, repeats: int = 5) -> dict:
 
 def train_case(config: str, shards: Path, work: Path, target: str, extra: list[str], steps: int, warmup: int) -> dict:
     run_dir = work / f"{config}_{target}"
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "symdiff.cli", "train", "--config", str(REPO / "configs" / f"{config}.yaml"),
            "--run-dir", str(run_dir), f"data.root={shards}", f"train.max_steps={steps}", "train.log_every=1",
            f"train.ckpt_every={10 * steps}", *extra]
@@ -172,6 +173,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved `symdiff train` runs per target")
     ap.add_argument("--qm9-batch", type=int, default=64)
     ap.add_argument("--geom-batch", type=int, default=16)
     ap.add_argument("--skip-train", action="store_true", help="only the variance and the in-process timings")
@@ -216,13 +218,21 @@ def main() -> None:
             for config, sh, extra in (("qm9_tiny", shards, [f"data.batch_size={args.qm9_batch}"]),
                                       ("geom_symdiff_s", gshards, [f"data.batch_size={args.geom_batch}",
                                                                    "data.train_split=train"])):
-                base = None
-                for target in ("standard", "mcmc_64", "hungarian"):
-                    r = train_case(config, sh, work, target, extra, args.steps, args.warmup)
-                    base = r["median_step_s"] if target == "standard" else base
-                    r["estimator_share"] = None if target == "standard" else 1.0 - base / r["median_step_s"]
-                    train.append(r)
-                    print(json.dumps(r), flush=True)
+                # Interleaved repeats (standard, mcmc, hungarian, standard, ...): a load change on the shared machine
+                # hits every target alike; the medians of the runs' median step times are compared.
+                runs: dict[str, list[dict]] = {t: [] for t in ("standard", "mcmc_64", "hungarian")}
+                for rep in range(args.repeats):
+                    for target in runs:
+                        r = train_case(config, sh, work / f"r{rep}", target, extra, args.steps, args.warmup)
+                        runs[target].append(r)
+                        print(json.dumps(r), flush=True)
+                base = statistics.median(r["median_step_s"] for r in runs["standard"])
+                for target, rs in runs.items():
+                    step = statistics.median(r["median_step_s"] for r in rs)
+                    train.append({"config": config, "target": target, "repeats": len(rs), "median_step_s": step,
+                                  "per_run_median_step_s": [r["median_step_s"] for r in rs],
+                                  "final_loss": [r["final_loss"] for r in rs],
+                                  "estimator_share": None if target == "standard" else 1.0 - base / step})
     res = {"benchmark": "bench_quotient", "git_commit": _git_commit(), "device": "cpu", "machine": m0,
            "note": "a shared 2-core machine with other agents' jobs running: times are upper bounds",
            "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "1"), "estimators": ESTIMATORS,
