@@ -299,7 +299,8 @@ def _cross_checks(d: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
         out.append((("diffusion.target", "diffusion.process"),
                     f"diffusion.target '{target}' needs a Gaussian forward kernel ({', '.join(GAUSSIAN_PROCESSES)}); "
                     f"the {process} process has none: use diffusion.target=standard"
-                    + (" (or diffusion.flow_align=hungarian for its permutation pairing)" if process == "flow" else "")))
+                    + (" (or diffusion.flow_align=hungarian for its permutation pairing)" if process == "flow"
+                       else "")))
     steps, burn, k = (d["diffusion"][f"mcmc_{n}"] for n in ("steps", "burn_in", "samples"))
     if target == "mcmc" and not (burn < steps and k <= steps - burn):
         out.append((("diffusion.mcmc_samples", "diffusion.mcmc_burn_in", "diffusion.mcmc_steps"),

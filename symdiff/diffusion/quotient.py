@@ -49,8 +49,8 @@ def cost_matrix(z_t: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: 
 
 def _check(z_t: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> None:
     if z_t.shape != x.shape or z_t.dim() != 3 or mask.shape != z_t.shape[:2]:
-        raise ValueError(f"permutation_target: z_t {tuple(z_t.shape)} and x {tuple(x.shape)} must both be [B, N, 3 + d] "
-                         f"and mask {tuple(mask.shape)} [B, N]")
+        raise ValueError(f"permutation_target: z_t {tuple(z_t.shape)} and x {tuple(x.shape)} must both be "
+                         f"[B, N, 3 + d] and mask {tuple(mask.shape)} [B, N]")
     if alpha.shape != (z_t.shape[0],) or sigma.shape != (z_t.shape[0],):
         raise ValueError(f"permutation_target: alpha {tuple(alpha.shape)} and sigma {tuple(sigma.shape)} must be [B]")
 
