@@ -4,8 +4,8 @@ training step.
 1. Variance against t, on real QM9 molecules of the bundled subset (normalised as the vdm process sees them), at
    vdm times t_int = 1 .. 1000. Per estimator (standard eps, mcmc at two chain lengths, hungarian, and exact on the
    subset's molecules of <= 8 atoms), the target's second moment per real component E|T|^2 / (n (3 + d)): the
-   standard target's is about 1 (the CoM-free positions lose 3 per molecule), and the Rao-Blackwellised one's is lower by the part that labelling noise
-   adds. On the small molecules also the estimators' error against exact, E|T - T_exact|^2 per component.
+   standard target's is about 1 (the CoM-free positions lose 3 per molecule), and the Rao-Blackwellised one's is
+   lower by the part that labelling noise adds. On the small molecules also the estimators' error against exact, E|T - T_exact|^2 per component.
 2. Cost: `symdiff train` runs (the product, DeepSpeed, one process) with diffusion.target = standard, mcmc and
    hungarian in one benchmark run, on bundled QM9 (qm9_tiny) and on the real GEOM-Drugs sample (geom_symdiff_s
    widths), interleaved repeats; median step times from the runs' metrics.jsonl after warm-up, the median over
