@@ -122,13 +122,17 @@ def test_symdiff_train_on_the_quotient_config_lowers_the_loss_and_samples(tmp_pa
     assert scores["n_molecules"] == 10 and 0.0 <= scores["atom_stability"] <= 1.0
 
 
-def test_exact_target_on_qm9_sized_molecules_is_a_one_line_error(tmp_path):
-    from symdiff.data.bundled import ensure_bundled_shards
-    from test_checkpoint_safety import REPO, TINY as TINY_RUN
+def test_exact_target_on_molecules_over_8_atoms_is_a_one_line_user_error():
+    """Ethane (8 atoms) trains on the exact target; propane (11) stops with a UserError naming the key, which the
+    CLI prints as one line (exit 1)."""
+    import numpy as np
 
-    shards = ensure_bundled_shards(tmp_path / "qm9_bundled")
-    res = _symdiff("train", "--config", str(REPO / "configs" / "qm9_tiny.yaml"), "--run-dir", str(tmp_path / "r"),
-                   f"data.root={shards}", *TINY_RUN, "train.max_steps=2", "diffusion.target=exact")
-    assert res.returncode == 1
-    err = res.stderr.strip().splitlines()
-    assert "diffusion.target=exact" in err[-1] and "at most 8 atoms" in err[-1], res.stderr[-2000:]
+    from symdiff.errors import UserError
+
+    model = quotient_model("vdm", "exact").float()
+    ethane = (np.array([6, 6, 1, 1, 1, 1, 1, 1]), np.random.default_rng(0).normal(size=(8, 3)))
+    propane = (np.array([6, 6, 6] + [1] * 8), np.random.default_rng(1).normal(size=(11, 3)))
+    loss, _ = model.training_loss(batch_of([ethane, WATER]), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    with pytest.raises(UserError, match=r"diffusion.target=exact .* at most 8 atoms; this batch has one of 11"):
+        model.training_loss(batch_of([propane, WATER]), generator=torch.Generator().manual_seed(0))
