@@ -115,6 +115,14 @@ class DiffusionConfig:
     # flow only: how the prior draw is paired with the data molecule before the path is built (none = independent;
     # hungarian = optimal atom permutation; hungarian_kabsch = that, then the O(3) Kabsch map; diffusion/flow.py)
     flow_align: str = "none"
+    # The eps target of the Gaussian processes (vdm, vpsde; symdiff/diffusion/quotient.py, docs/quotient.md):
+    # standard = the drawn eps; mcmc | hungarian | exact = the quotient-space (permutation-symmetrised) target of the
+    # second seed, estimated by the swap chain, the most likely atom labelling, or all n! labellings (n <= 8)
+    target: str = "standard"
+    # target=mcmc only: chain length, burn-in steps, and K, the states averaged (evenly spaced after the burn-in)
+    mcmc_steps: int = 64
+    mcmc_burn_in: int = 16
+    mcmc_samples: int = 8
 
 
 @dataclass
@@ -223,6 +231,11 @@ PROCESS_SAMPLERS = {"vdm": ("ancestral", "ddim", "dpmpp2m"), "vpsde": ("em", "he
 # The processes that define no likelihood: no validation NLL for them.
 PROCESSES_WITHOUT_NLL = ("vpsde", "flow")
 
+# diffusion.target (symdiff/diffusion/quotient.py TARGETS) and the processes whose forward kernel is Gaussian, the
+# ones a quotient target applies to.
+TARGETS = ("standard", "exact", "hungarian", "mcmc")
+GAUSSIAN_PROCESSES = ("vdm", "vpsde")
+
 # diffusion.flow_align (symdiff/diffusion/flow.py ALIGNS): the flow process's prior-data coupling.
 FLOW_ALIGNS = ("none", "hungarian", "hungarian_kabsch")
 
@@ -266,6 +279,10 @@ RULES: dict[str, tuple[Check, str]] = {
     "diffusion.parameterization": _one_of(*PARAMETERIZATIONS),
     "diffusion.process": _one_of(*PROCESS_SAMPLERS),
     "diffusion.flow_align": _one_of(*FLOW_ALIGNS),
+    "diffusion.target": _one_of(*TARGETS),
+    "diffusion.mcmc_steps": _int_at_least(1),
+    "diffusion.mcmc_burn_in": _int_at_least(0),
+    "diffusion.mcmc_samples": _int_at_least(1),
     "train.max_steps": _int_at_least(1),
     "train.lr": _positive(),
     "train.warmup_steps": _int_at_least(0),
@@ -308,6 +325,18 @@ def _cross_checks(d: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
         out.append((("diffusion.flow_align", "diffusion.process"),
                     f"diffusion.flow_align '{d['diffusion']['flow_align']}' applies to the flow process only "
                     f"(diffusion.process is {process})"))
+    target = d["diffusion"]["target"]
+    if target != "standard" and process not in GAUSSIAN_PROCESSES:
+        out.append((("diffusion.target", "diffusion.process"),
+                    f"diffusion.target '{target}' needs a Gaussian forward kernel ({', '.join(GAUSSIAN_PROCESSES)}); "
+                    f"the {process} process has none: use diffusion.target=standard"
+                    + (" (or diffusion.flow_align=hungarian for its permutation pairing)" if process == "flow"
+                       else "")))
+    steps, burn, k = (d["diffusion"][f"mcmc_{n}"] for n in ("steps", "burn_in", "samples"))
+    if target == "mcmc" and not (burn < steps and k <= steps - burn):
+        out.append((("diffusion.mcmc_samples", "diffusion.mcmc_burn_in", "diffusion.mcmc_steps"),
+                    f"diffusion.mcmc_burn_in {burn} and diffusion.mcmc_samples {k} do not fit in diffusion.mcmc_steps "
+                    f"{steps}: need mcmc_burn_in < mcmc_steps and mcmc_samples <= mcmc_steps - mcmc_burn_in"))
     if process in PROCESSES_WITHOUT_NLL and d["train"]["eval_every"] > 0:
         out.append((("train.eval_every", "diffusion.process"),
                     f"train.eval_every > 0 evaluates the validation NLL, which the {process} process does not define: "

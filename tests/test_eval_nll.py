@@ -60,6 +60,10 @@ def test_split_nll_counts_every_molecule_and_is_reproducible(tmp_path, shards):
         for _ in range(2):
             vals.append(torch.cat([model.nll(batch) for batch in loader]).double().mean().item())
     assert a["nll_per_pass"] == pytest.approx(vals, rel=1e-12)
+    # The unlabelled point cloud (issue 14): log N! below the labelled bound, molecule by molecule.
+    sizes = torch.cat([batch.mask.sum(1) for batch in loader]).double()
+    assert a["log_labellings"] == pytest.approx(float(torch.lgamma(sizes + 1).mean()), rel=1e-12)
+    assert a["nll"] - a["nll_unlabelled"] == pytest.approx(a["log_labellings"], rel=1e-12) and sizes.min() > 2
 
 
 def test_nll_cli(tmp_path, shards, capsys):
@@ -69,6 +73,7 @@ def test_nll_cli(tmp_path, shards, capsys):
                  "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert r["protocol"] == "nll" and r["split"] == "test" and r["n_molecules"] == 24 and r["passes"] == 2
-    assert "nats per molecule" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "nats per molecule" in printed and f"{r['nll_unlabelled']:.3f} nats per molecule" in printed
     assert main(["eval", "--nll", str(tmp_path / "missing.pt"), "--dataset", "qm9"]) == 1
     assert "no such file" in capsys.readouterr().err

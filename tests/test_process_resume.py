@@ -24,6 +24,8 @@ CASES = [(p, ()) for p in ("vdm", "flow", "vpsde")
 CASES.append(("flow", ("diffusion.flow_align=hungarian_kabsch",)))
 # The EGNN denoiser (issue 15) on the vdm process: the same train, resume, sample and eval path as SymDiff.
 CASES.append(("vdm", ("model.kind=egnn", "model.egnn.nf=16", "model.egnn.n_layers=2")))
+# vdm on the quotient target (issue 14): the swap chain draws from the step's generator, so resume stays bitwise.
+CASES.append(("vdm", ("diffusion.target=mcmc", "diffusion.mcmc_steps=24", "diffusion.mcmc_burn_in=8")))
 
 
 def _symdiff(*args: str) -> subprocess.CompletedProcess:

@@ -33,6 +33,8 @@ def test_readme_python_api_runs(tmp_path: Path, monkeypatch) -> None:
     assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3).expand(B, 3, 3), atol=1e-5)
     z = ns["z"]
     assert ns["eps_hat"].shape == z.shape and ns["z_s"].shape == z.shape and torch.isfinite(ns["z_s"]).all()
+    eps_q = ns["eps_q"]
+    assert eps_q.shape == z.shape and torch.isfinite(eps_q).all() and not torch.equal(eps_q, torch.zeros_like(z))
     x, Z, mask = ns["x"], ns["Z"], ns["mask"]
     assert x.shape == (2, 12, 3) and mask.sum(1).tolist() == [9, 12] and bool((Z[mask] > 0).all())
     assert len(ns["mols"]) == 4

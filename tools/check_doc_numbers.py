@@ -22,7 +22,7 @@ from typing import Any, Callable
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path("benchmarks") / "results"
 DOCS = ("README.md", "docs/data.md", "docs/eval.md", "docs/kernels.md", "docs/model.md", "docs/training.md",
-        "docs/cluster.md", "docs/benchmarks.md")
+        "docs/cluster.md", "docs/benchmarks.md", "docs/quotient.md")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,44 @@ def _lc_checks(doc: str) -> list[Check]:
                 (lambda d, i=i: pct(d["evals"][i]["mol_stability"]), "{:.1f}%"),
                 (lambda d, i=i: pct(d["evals"][i]["validity"]), "{:.1f}%"),
                 (lambda d, i=i: pct(d["evals"][i]["uniqueness"]), "{:.1f}%"))))
+    return out
+
+
+QUOTIENT = "quotient_cpu_2026-12-01.json"
+
+
+def _q_row(part: str, t: int, field: str, key: str) -> Callable[[Any], float]:
+    return lambda d: next(r for r in d["variance"][part]["rows"] if r["t_int"] == t)[field][key]
+
+
+def _q_train(config: str, target: str, key: str) -> Callable[[Any], float]:
+    return lambda d: next(r for r in d["train_steps"] if r["config"] == config and r["target"] == target)[key]
+
+
+def _quotient_checks(doc: str) -> list[Check]:
+    """docs/quotient.md: the variance-against-t tables and the cost table of bench_quotient.py."""
+    out = []
+    for t in (1, 10, 50, 100, 250, 500, 750, 1000):
+        out.append(Check(doc, rf"re:^\| t = {t} \|", QUOTIENT, tuple(
+            (_q_row("qm9_test_molecules", t, "ratio_to_standard", k), "{:.3f}")
+            for k in ("mcmc_64", "mcmc_256", "hungarian"))))
+    for t in (250, 500, 750):
+        out.append(Check(doc, rf"re:^\| small, t = {t} \|", QUOTIENT, (
+            (_q_row("qm9_small_molecules", t, "ratio_to_standard", "exact"), "{:.3f}"),
+            *((_q_row("qm9_small_molecules", t, "error_vs_exact_per_component", k), "{:.4f}")
+              for k in ("standard", "mcmc_64", "mcmc_256", "hungarian")))))
+    for config in ("qm9_tiny", "geom_symdiff_s"):
+        for target in ("standard", "mcmc_64", "hungarian"):
+            share = () if target == "standard" else (
+                (lambda d, c=config, t=target: pct(_q_train(c, t, "estimator_share")(d)), "{:.0f}%"),)
+            out.append(Check(doc, f"| {config}, {target} |", QUOTIENT, (
+                (_q_train(config, target, "median_step_s"), "{:.3f}"), *share,
+                *((lambda d, c=config, t=target, i=i: _q_train(c, t, "per_run_median_step_s")(d)[i], "{:.3f}")
+                  for i in range(3)))))
+    for case, label in (("qm9_batch", "| QM9 test batch of 64 |"), ("n181", "| N = 181, batch 16 |")):
+        out.append(Check(doc, label, QUOTIENT, tuple(
+            (lambda d, c=case, k=k: d["estimator_seconds_in_process"][c]["seconds"][k], "{:.3f}")
+            for k in ("mcmc_64", "mcmc_256", "hungarian"))))
     return out
 
 
@@ -404,6 +442,7 @@ CHECKS: list[Check] = [
     *_speed_checks("docs/model.md"),
     *_lc_checks("docs/model.md"),
     *_pd_checks("docs/model.md"),
+    *_quotient_checks("docs/quotient.md"),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_symdiff_haar_120min.json", (
         (_pd(0, "atom_stability"), "{:.1f}"), (_pd(0, "mol_stability"), "{:.1f}"))),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_dit_120min.json", (
@@ -535,7 +574,7 @@ def run_check(check: Check, root: Path) -> list[str]:
 
 
 # How result files are named (a bare name in a document is taken for one when it looks like this).
-RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side)_[\w.\-]+\.json$"
+RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient)_[\w.\-]+\.json$"
 
 
 def named_results(root: Path) -> list[str]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from symdiff.diffusion.flow import Flow
 from symdiff.diffusion.process import Process
+from symdiff.diffusion.quotient import permutation_target, target_options
 from symdiff.diffusion.schedule import NoiseSchedule, polynomial_alpha2
 from symdiff.diffusion.vdm import VDM
 from symdiff.diffusion.vpsde import VPSDE
@@ -25,8 +26,14 @@ def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> 
     nf = [float(v) for v in dc.normalize_factors]
     # Keys of one process only go to that process (configs validated before flow_align existed lack it).
     extra = {"align": str(getattr(dc, "flow_align", "none"))} if name == "flow" else {}
+    target = str(getattr(dc, "target", "standard"))
+    if name in ("vdm", "vpsde"):
+        extra = {"target": target, "target_options": target_options(dc)}
+    elif target != "standard":
+        raise ValueError(f"diffusion.target '{target}' needs a Gaussian forward kernel (vdm, vpsde), not {name}")
     return PROCESSES[name](d, num_classes, *nf, timesteps=int(dc.timesteps), schedule=str(dc.schedule),
                            precision=float(dc.precision), backend=backend, **extra)
 
 
-__all__ = ["NoiseSchedule", "polynomial_alpha2", "Process", "VDM", "VPSDE", "Flow", "PROCESSES", "build_process"]
+__all__ = ["NoiseSchedule", "polynomial_alpha2", "Process", "VDM", "VPSDE", "Flow", "PROCESSES", "build_process",
+           "permutation_target"]

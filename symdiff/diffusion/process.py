@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from symdiff.diffusion import edm
+from symdiff.diffusion.quotient import TARGETS
 
 
 class Process(nn.Module):
@@ -21,6 +22,15 @@ class Process(nn.Module):
         if sampler not in self.samplers:
             raise ValueError(f"sampler '{sampler}' is not one of the {self.name} process's: {', '.join(self.samplers)}")
         return sampler
+
+    target = "standard"
+    target_options: dict[str, Any] = {}
+
+    def _set_target(self, target: str, options: Optional[dict[str, Any]]) -> None:
+        """The eps target of a Gaussian process's loss: standard, or a quotient estimator (diffusion/quotient.py)."""
+        if target not in TARGETS:
+            raise ValueError(f"diffusion target '{target}' is not one of {', '.join(TARGETS)}")
+        self.target, self.target_options = str(target), dict(options or {})
 
     def nll(self, *args: Any, **kwargs: Any) -> Any:
         """The processes that define a likelihood (vdm) override this; the others refuse with one message."""

@@ -17,6 +17,7 @@ import torch
 
 from symdiff.diffusion import edm, vdm_samplers
 from symdiff.diffusion.process import Process
+from symdiff.diffusion.quotient import training_target
 from symdiff.diffusion.schedule import NoiseSchedule
 
 if TYPE_CHECKING:  # the process only calls the denoiser; importing the models package here would be circular
@@ -45,8 +46,10 @@ class VDM(Process):
 
     def __init__(self, d: int, num_classes: int, norm_x: float, norm_cat: float, norm_int: float,
                  timesteps: int = 1000, schedule: str = "polynomial_2", precision: float = 1e-5,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", target: str = "standard", target_options: Optional[dict[str, Any]] = None
+                 ) -> None:
         super().__init__()
+        self._set_target(target, target_options)
         self.d, self.num_classes = int(d), int(num_classes)
         self.norm_x, self.norm_cat, self.norm_int = float(norm_x), float(norm_cat), float(norm_int)
         self.backend = backend
@@ -76,8 +79,10 @@ class VDM(Process):
         alpha, sigma = edm._bcast(self.schedule.alpha(gam), xh), edm._bcast(self.schedule.sigma(gam), xh)
         eps = self._noise(mask, xh.dtype, generator)
         z_t = alpha * xh + sigma * eps
+        target = training_target(self.target, eps, z_t, xh, mask, alpha.view(-1), sigma.view(-1), generator,
+                                 self.target_options)
         eps_hat = denoise(z_t, mask, t_int.to(xh.dtype) / self.timesteps, generator=generator)
-        err = (eps - eps_hat) ** 2
+        err = (target - eps_hat) ** 2
         err_x = err[..., :3].sum((1, 2))
         err_h = err[..., 3:].sum((1, 2))
         denom = (3 + self.d) * N
@@ -88,6 +93,8 @@ class VDM(Process):
                  "l2_h": (0.5 * err_h / denom).mean().detach(),
                  "atoms_per_mol": mask.sum(1).to(xh.dtype).mean().detach(),
                  "padding_fraction": 1.0 - mask.to(xh.dtype).mean().detach()}
+        if target is not eps:  # how far the quotient target moved from the drawn noise, on the loss's scale
+            stats["l2_target_shift"] = (0.5 * ((target - eps) ** 2).sum((1, 2)) / denom).mean().detach()
         return loss, stats
 
     # ------------------------------------------------------------------ likelihood

@@ -26,6 +26,7 @@ import torch
 
 from symdiff.diffusion import edm
 from symdiff.diffusion.process import Process
+from symdiff.diffusion.quotient import training_target
 from symdiff.diffusion.vdm import Features
 
 if TYPE_CHECKING:
@@ -44,8 +45,10 @@ class VPSDE(Process):
 
     def __init__(self, d: int, num_classes: int, norm_x: float, norm_cat: float, norm_int: float,
                  timesteps: int = 1000, schedule: str = "polynomial_2", precision: float = 1e-5,
-                 backend: str = "auto", **_: Any) -> None:
+                 backend: str = "auto", target: str = "standard", target_options: Optional[dict[str, Any]] = None,
+                 **_: Any) -> None:
         super().__init__()
+        self._set_target(target, target_options)
         if not schedule.startswith("polynomial_"):
             raise ValueError(f"unknown noise schedule '{schedule}' (supported: polynomial_<power>)")
         self.power = float(schedule.split("_", 1)[1])
@@ -102,7 +105,9 @@ class VPSDE(Process):
         alpha, sigma = edm._bcast(self.alpha(t), xh).to(xh.dtype), edm._bcast(self.sigma(t), xh).to(xh.dtype)
         eps = edm.sample_noise(mask, self.d, xh.dtype, self.backend, generator)
         z_t = alpha * xh + sigma * eps
-        err = (denoise(z_t, mask, t.to(xh.dtype), generator=generator) - eps) ** 2
+        target = training_target(self.target, eps, z_t, xh, mask, alpha.view(-1), sigma.view(-1), generator,
+                                 self.target_options)
+        err = (denoise(z_t, mask, t.to(xh.dtype), generator=generator) - target) ** 2
         denom = (3 + self.d) * N
         err_x, err_h = err[..., :3].sum((1, 2)), err[..., 3:].sum((1, 2))
         loss = (0.5 * (err_x + err_h) / denom).mean()
@@ -110,6 +115,8 @@ class VPSDE(Process):
                  "l2_h": (0.5 * err_h / denom).mean().detach(),
                  "atoms_per_mol": mask.sum(1).to(xh.dtype).mean().detach(),
                  "padding_fraction": 1.0 - mask.to(xh.dtype).mean().detach()}
+        if target is not eps:  # how far the quotient target moved from the drawn noise, on the loss's scale
+            stats["l2_target_shift"] = (0.5 * ((target - eps) ** 2).sum((1, 2)) / denom).mean().detach()
         return loss, stats
 
     # ------------------------------------------------------------------ samplers

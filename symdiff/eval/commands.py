@@ -169,6 +169,8 @@ def _run_nll(args: argparse.Namespace) -> int:
     print(f"symdiff eval: NLL of {args.nll} on split '{res['split']}' of {res['data_root']}: "
           f"{res['nll']:.3f} nats per molecule{spread}, {res['n_molecules']} molecules, {res['passes']} pass(es), "
           f"{res['weights']} weights, {res['seconds']:.1f} s")
+    print(f"symdiff eval: unlabelled (atoms up to order: minus the mean log N! = {res['log_labellings']:.3f}): "
+          f"{res['nll_unlabelled']:.3f} nats per molecule")
     if args.json:
         write_text_atomic(args.json, json.dumps(out, indent=2) + "\n", "--json")
     return 0
