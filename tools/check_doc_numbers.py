@@ -124,6 +124,31 @@ def _pd_checks(doc: str) -> list[Check]:
     return out
 
 
+STEPS = "steps_qm9_tiny.json"
+
+
+def _cell(process: str, sampler: str, steps: int, key: str, scale: float = 1.0) -> Callable[[Any], float]:
+    def get(d: Any) -> float:
+        cell = next(c for c in d["cells"] if (c["process"], c["sampler"], c["steps"]) == (process, sampler, steps))
+        return scale * cell[key]
+    return get
+
+
+def _steps_checks(doc: str) -> list[Check]:
+    """The quality-against-steps table of docs/model.md: one row per (process, sampler, steps) cell of its JSON."""
+    path = REPO / RESULTS / STEPS
+    if not path.is_file():
+        return [Check(doc, "| process | sampler | steps |", STEPS, ())]  # fails: the table's JSON is missing
+    out = []
+    for c in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        at = (c["process"], c["sampler"], c["steps"])
+        rates = [k for k in ("atom_stability", "mol_stability", "validity", "uniqueness") if c[k] is not None]
+        out.append(Check(doc, rf"re:^\| {at[0]} \| {at[1]} \| {at[2]} \|", STEPS, (
+            (_cell(*at, "n_samples"), "| {:.0f} |"), *[(_cell(*at, k, 100.0), "{:.1f}") for k in rates],
+            (_cell(*at, "s_per_molecule"), "{:.3f}"))))
+    return out
+
+
 def _kernel_rows(doc: str) -> list[Check]:
     rows = [("gaussian", "qm9", "(256, 29)"), ("gaussian", "geom", "(6, 181)"), ("com", "qm9", "(256, 29)"),
             ("com", "geom", "(64, 181)"), ("com", "stream", "(179597, 29)"), ("qr", "qm9", "(256, -)"),
@@ -332,6 +357,7 @@ CHECKS: list[Check] = [
     *_speed_checks("docs/model.md"),
     *_lc_checks("docs/model.md"),
     *_pd_checks("docs/model.md"),
+    *_steps_checks("docs/model.md"),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_symdiff_haar_120min.json", (
         (_pd(0, "atom_stability"), "{:.1f}"), (_pd(0, "mol_stability"), "{:.1f}"))),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_dit_120min.json", (
@@ -462,7 +488,7 @@ def run_check(check: Check, root: Path) -> list[str]:
 
 
 # How result files are named (a bare name in a document is taken for one when it looks like this).
-RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side)_[\w.\-]+\.json$"
+RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|steps)_[\w.\-]+\.json$"
 
 
 def named_results(root: Path) -> list[str]:
