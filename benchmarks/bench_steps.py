@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -264,6 +265,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     res.setdefault("invocations", []).append({"commit": git_commit(), "machine": machine()})
     res.update({"run_root": str(run_root), "data_root": str(data), "train_steps": args.train_steps,
                 "steps_grid": steps, "sample_batch_size": args.batch_size, "seed": args.seed,
+                "samples_plan": {"priority": args.samples, "reduced": args.samples_reduced,
+                                 "reduced_at_top_steps": args.samples_reduced_long,
+                                 "priority_cells": "vdm ancestral at the top step count and every 100-step cell"},
                 "training_order": "one process after another, each with OMP_NUM_THREADS=%d" % args.threads})
     res.setdefault("train", {})
     res.setdefault("cells", [])
@@ -277,7 +281,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     cell_dir.mkdir(exist_ok=True)
     for cell in plan(processes, steps, args):
         done = cell_of(res, cell["process"], cell["sampler"], cell["steps"])
-        if done and done["n_samples"] == cell["n_samples"]:
+        if done and done["n_samples"] >= cell["n_samples"]:  # a larger sample from an earlier plan is kept
             continue
         if done:
             res["cells"].remove(done)
@@ -293,6 +297,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 if __name__ == "__main__":
     from symdiff.errors import UserError
 
+    # a time limit's SIGTERM raises SystemExit here, and subprocess.run then kills the running `symdiff` command
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         sys.exit(main())
     except UserError as exc:
