@@ -1,9 +1,9 @@
 """benchmarks/bench_steps.py measures the product: `symdiff train`, then `symdiff sample` and `symdiff eval` per cell.
 
-A tiny run (the flow process and its Heun sampler, 2 training steps, 2 step counts, a few molecules) goes through the benchmark's whole
-code path; its cells must hold the numbers that `symdiff eval` wrote and that the sampled file gives when scored
-again here. A second call with the same run root redoes nothing. The goals and the priority plan are checked on
-numbers given by hand.
+A tiny run (the flow process and its Heun sampler, 2 training steps, 2 step counts, a few molecules) goes through
+the benchmark's whole code path; its cells must hold the numbers that `symdiff eval` wrote and that the sampled
+file gives when scored again here. A second call with the same run root redoes nothing. The goals and the priority
+plan are checked on numbers given by hand.
 """
 from __future__ import annotations
 
@@ -33,8 +33,9 @@ def bench():
 
 def argv(root: Path) -> list[str]:
     return ["--run-root", str(root / "runs"), "--out", str(root / "steps.json"), "--data-root", "bundled:qm9",
-            "--processes", "flow", "--samplers", "heun", "--train-steps", "2", "--steps", "3,2", "--samples", "4", "--samples-reduced",
-            "3", "--samples-reduced-long", "2", "--batch-size", "4", "--threads", "1", *TINY_MODEL]
+            "--processes", "flow", "--samplers", "heun", "--train-steps", "2", "--steps", "3,2", "--samples", "4",
+            "--samples-reduced", "3", "--samples-reduced-long", "2", "--batch-size", "4", "--threads", "1",
+            *TINY_MODEL]
 
 
 @pytest.fixture(scope="module")

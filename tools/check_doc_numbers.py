@@ -134,6 +134,14 @@ def _cell(process: str, sampler: str, steps: int, key: str, scale: float = 1.0) 
     return get
 
 
+def _path(*keys: Any, scale: float = 1.0) -> Callable[[Any], float]:
+    def get(d: Any) -> float:
+        for k in keys:
+            d = d[k]
+        return scale * d
+    return get
+
+
 def _steps_checks(doc: str) -> list[Check]:
     """The quality-against-steps table of docs/model.md: one row per (process, sampler, steps) cell of its JSON."""
     path = REPO / RESULTS / STEPS
@@ -146,6 +154,20 @@ def _steps_checks(doc: str) -> list[Check]:
         out.append(Check(doc, rf"re:^\| {at[0]} \| {at[1]} \| {at[2]} \|", STEPS, (
             (_cell(*at, "n_samples"), "| {:.0f} |"), *[(_cell(*at, k, 100.0), "{:.1f}") for k in rates],
             (_cell(*at, "s_per_molecule"), "{:.3f}"))))
+    for p in ("vdm", "vpsde", "flow"):  # the training table: one row per process
+        out.append(Check(doc, rf"re:^\| {p} \| 1,000 \| 64 \|", STEPS, (
+            (_path("train", p, "train_wall_s"), "{:.1f}"), (_path("train", p, "it_per_s_median"), "{:.2f}"),
+            (_path("train", p, "loss_last_logged"), "{:.3f}"), (_path("train", p, "load_average_start", 0), "{:.1f}"))))
+    vdm, flow = ("goals", "vdm_100_steps"), ("goals", "flow_heun_100_steps")
+    out += [Check(doc, "Goal 1 (vdm at 100 steps)", STEPS, (
+                (_path(*vdm, "atom_stability_100", scale=100.0), "{:.1f}%"),
+                (_path(*vdm, "atom_stability_ancestral_1000", scale=100.0), "{:.1f}%"),
+                (_path(*vdm, "points_lost"), "{:.1f} points"))),
+            Check(doc, "Goal 2 (flow Heun at 100 steps)", STEPS, (
+                (_path(*flow, "atom_stability_flow_heun_100", scale=100.0), "{:.1f}%"),
+                (_path(*flow, "atom_stability_vdm_ancestral_1000", scale=100.0), "{:.1f}%"))),
+            Check(doc, "the load average reached", STEPS, (
+                (lambda d: max(c["load_average_end"][0] for c in d["cells"]), "{:.0f}"),))]
     return out
 
 
