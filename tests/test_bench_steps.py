@@ -77,6 +77,7 @@ def test_every_cell_holds_what_symdiff_eval_scored_on_the_sampled_file(tiny_run)
         for key in ("atom_stability", "mol_stability", "validity", "uniqueness"):
             assert c[key] == written[key] == again[key]
         assert c["s_per_molecule"] > 0 and c["sample_command_wall_s"] >= c["sample_s"]
+        assert 0 <= c["atom_stability_se"] < 0.5  # bootstrap over molecules of the same file (checked equal above)
     assert "| flow | heun | 3 | 2 |" in (root / "steps.md").read_text()
     assert (root / "steps.png").stat().st_size > 1000
 
@@ -112,7 +113,9 @@ def test_goals_take_the_best_vdm_sampler_and_flow_heun_against_ancestral_1000(be
         _cell("vdm", "ddim", 100, 0.795), _cell("vdm", "dpmpp2m", 100, 0.78), _cell("flow", "heun", 100, 0.79)]}
     g = bench.goals(res)
     assert g["vdm_100_steps"]["best_sampler"] == "ddim" and g["vdm_100_steps"]["points_lost"] == 0.5
-    assert g["vdm_100_steps"]["met"] is True
+    assert g["vdm_100_steps"]["met"] is True and "points_lost_se" not in g["vdm_100_steps"]
+    res["cells"][0]["atom_stability_se"], res["cells"][2]["atom_stability_se"] = 0.003, 0.004
+    assert bench.goals(res)["vdm_100_steps"]["points_lost_se"] == 0.5  # 100 * sqrt(0.003^2 + 0.004^2)
     assert g["flow_heun_100_steps"]["met"] is False
     res["cells"][-1]["atom_stability"] = 0.80
     assert bench.goals(res)["flow_heun_100_steps"]["met"] is True

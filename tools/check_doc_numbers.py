@@ -150,7 +150,8 @@ def _steps_checks(doc: str) -> list[Check]:
     out = []
     for c in json.loads(path.read_text(encoding="utf-8"))["cells"]:
         at = (c["process"], c["sampler"], c["steps"])
-        rates = [k for k in ("atom_stability", "mol_stability", "validity", "uniqueness") if c[k] is not None]
+        rates = [k for k in ("atom_stability", "atom_stability_se", "mol_stability", "validity", "uniqueness")
+                 if c.get(k) is not None]
         out.append(Check(doc, rf"re:^\| {at[0]} \| {at[1]} \| {at[2]} \|", STEPS, (
             (_cell(*at, "n_samples"), "| {:.0f} |"), *[(_cell(*at, k, 100.0), "{:.1f}") for k in rates],
             (_cell(*at, "s_per_molecule"), "{:.3f}"))))
