@@ -216,13 +216,15 @@ def plot(res: dict, png: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key in sorted({(c["process"], c["sampler"]) for c in res["cells"]}):
-        pts = sorted((c["steps"], 100 * c["atom_stability"]) for c in res["cells"]
-                     if (c["process"], c["sampler"]) == key)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{key[0]} {key[1]}")
+        pts = sorted((c["steps"], 100 * c["atom_stability"], 100 * c.get("atom_stability_se", 0.0))
+                     for c in res["cells"] if (c["process"], c["sampler"]) == key)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=2,
+                    label=f"{key[0]} {key[1]}")
     ax.set_xscale("log")
     ax.set_xlabel("sampling steps")
     ax.set_ylabel("atom stability (%)")
-    ax.set_title(f"qm9_tiny, {res['train_steps']} training steps per process")
+    ax.set_title(f"qm9_tiny, {res['train_steps']} training steps per process\n(bars: 1 s.e.; molecules per cell "
+                 "differ, see the table)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
