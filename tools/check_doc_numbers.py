@@ -162,6 +162,54 @@ def _pd_checks(doc: str) -> list[Check]:
     return out
 
 
+STEPS = "steps_qm9_tiny.json"
+
+
+def _cell(process: str, sampler: str, steps: int, key: str, scale: float = 1.0) -> Callable[[Any], float]:
+    def get(d: Any) -> float:
+        cell = next(c for c in d["cells"] if (c["process"], c["sampler"], c["steps"]) == (process, sampler, steps))
+        return scale * cell[key]
+    return get
+
+
+def _path(*keys: Any, scale: float = 1.0) -> Callable[[Any], float]:
+    def get(d: Any) -> float:
+        for k in keys:
+            d = d[k]
+        return scale * d
+    return get
+
+
+def _steps_checks(doc: str) -> list[Check]:
+    """The quality-against-steps table of docs/model.md: one row per (process, sampler, steps) cell of its JSON."""
+    path = REPO / RESULTS / STEPS
+    if not path.is_file():
+        return [Check(doc, "| process | sampler | steps |", STEPS, ())]  # fails: the table's JSON is missing
+    out = []
+    for c in json.loads(path.read_text(encoding="utf-8"))["cells"]:
+        at = (c["process"], c["sampler"], c["steps"])
+        rates = [k for k in ("atom_stability", "atom_stability_se", "mol_stability", "validity", "uniqueness")
+                 if c.get(k) is not None]
+        out.append(Check(doc, rf"re:^\| {at[0]} \| {at[1]} \| {at[2]} \|", STEPS, (
+            (_cell(*at, "n_samples"), "| {:.0f} |"), *[(_cell(*at, k, 100.0), "{:.1f}") for k in rates],
+            (_cell(*at, "s_per_molecule"), "{:.3f}"))))
+    for p in ("vdm", "vpsde", "flow"):  # the training table: one row per process
+        out.append(Check(doc, rf"re:^\| {p} \| 1,000 \| 64 \|", STEPS, (
+            (_path("train", p, "train_wall_s"), "{:.1f}"), (_path("train", p, "it_per_s_median"), "{:.2f}"),
+            (_path("train", p, "loss_last_logged"), "{:.3f}"), (_path("train", p, "load_average_start", 0), "{:.1f}"))))
+    vdm, flow = ("goals", "vdm_100_steps"), ("goals", "flow_heun_100_steps")
+    out += [Check(doc, "Goal 1 (vdm at 100 steps)", STEPS, (
+                (_path(*vdm, "atom_stability_100", scale=100.0), "{:.1f}%"),
+                (_path(*vdm, "atom_stability_ancestral_1000", scale=100.0), "{:.1f}%"),
+                (_path(*vdm, "points_lost"), "{:.1f} points"))),
+            Check(doc, "Goal 2 (flow Heun at 100 steps)", STEPS, (
+                (_path(*flow, "atom_stability_flow_heun_100", scale=100.0), "{:.1f}%"),
+                (_path(*flow, "atom_stability_vdm_ancestral_1000", scale=100.0), "{:.1f}%"))),
+            Check(doc, "the load average reached", STEPS, (
+                (lambda d: max(c["load_average_end"][0] for c in d["cells"]), "{:.0f}"),))]
+    return out
+
+
 def _kernel_rows(doc: str) -> list[Check]:
     rows = [("gaussian", "qm9", "(256, 29)"), ("gaussian", "geom", "(6, 181)"), ("com", "qm9", "(256, 29)"),
             ("com", "geom", "(64, 181)"), ("com", "stream", "(179597, 29)"), ("qr", "qm9", "(256, -)"),
@@ -443,6 +491,7 @@ CHECKS: list[Check] = [
     *_lc_checks("docs/model.md"),
     *_pd_checks("docs/model.md"),
     *_quotient_checks("docs/quotient.md"),
+    *_steps_checks("docs/model.md"),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_symdiff_haar_120min.json", (
         (_pd(0, "atom_stability"), "{:.1f}"), (_pd(0, "mol_stability"), "{:.1f}"))),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_dit_120min.json", (
@@ -574,7 +623,7 @@ def run_check(check: Check, root: Path) -> list[str]:
 
 
 # How result files are named (a bare name in a document is taken for one when it looks like this).
-RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient)_[\w.\-]+\.json$"
+RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps)_[\w.\-]+\.json$"
 
 
 def named_results(root: Path) -> list[str]:
