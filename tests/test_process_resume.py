@@ -62,3 +62,6 @@ def test_process_resumes_bitwise_under_zero2_and_samples_scored_molecules(tmp_pa
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     scores = json.loads(js.read_text())
     assert scores["n_molecules"] == 20 and 0.0 <= scores["atom_stability"] <= 1.0
+    if process != "vdm":  # no likelihood (vdm's NLL is tests/test_eval_nll.py's): one line, not a traceback
+        res = _symdiff("eval", "--nll", str(run), "--dataset", "qm9", "--data-root", "bundled:qm9")
+        assert res.returncode == 1 and res.stderr.count("\n") == 1 and "no likelihood" in res.stderr, res.stderr

@@ -18,6 +18,9 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from symdiff.config import PROCESSES_WITHOUT_NLL
+from symdiff.errors import UserError
+
 
 def split_nll(model: Any, batches_for_pass: Any, passes: int = 1, device: str | torch.device = "cpu",
               seed: int = 0, generator: Optional[torch.Generator] = None) -> dict:
@@ -69,6 +72,9 @@ def run_split_nll(source: str, data_root: Optional[str] = None, split: Optional[
     from symdiff.train.checkpoint import load_for_inference
 
     cfg, model = load_for_inference(source, use_ema=use_ema, trust_pickle=trust_pickle)
+    if model.process.name in PROCESSES_WITHOUT_NLL:
+        raise UserError(f"--nll {source}: a {model.process.name} model has no likelihood here (only vdm defines an "
+                        "NLL; docs/model.md, Likelihoods by process)")
     root = data_root or str(cfg.data.root)
     split = split or str(cfg.data.test_split)
     loader = ShardLoader(root, split, batch_size=batch_size or int(cfg.data.batch_size), shuffle=False,
