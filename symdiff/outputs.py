@@ -86,10 +86,10 @@ def writing(path: str | Path, flag: str = "") -> Iterator[None]:
 def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], flag: str = "") -> None:
     """``write(fileobj)`` into a temporary file beside ``path``, then rename it over ``path``: whatever was at
     ``path`` before stays as it was if anything fails."""
-    from symdiff.io.molfiles import _atomic_write_bytes
+    from symdiff.io.atomic import atomic_write_bytes
 
     with writing(path, flag):
-        _atomic_write_bytes(path, write)
+        atomic_write_bytes(path, write)
 
 
 def write_text_atomic(path: str | Path, text: str, flag: str = "") -> None:

@@ -111,7 +111,7 @@ def test_truncated_xyz(tmp_path):
 
 
 def test_failed_write_keeps_old_file(tmp_path):
-    from symdiff.io.molfiles import _atomic_write_bytes
+    from symdiff.io.atomic import atomic_write_bytes
 
     p = tmp_path / "keep.sdf"
     write_sdf(p, _mols())
@@ -122,7 +122,7 @@ def test_failed_write_keeps_old_file(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        _atomic_write_bytes(p, dies_halfway)
+        atomic_write_bytes(p, dies_halfway)
     assert p.read_bytes() == before
     assert [q.name for q in tmp_path.iterdir()] == ["keep.sdf"]
 

@@ -2,28 +2,15 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 from symdiff.cluster.render import Rendered
 from symdiff.errors import UserError
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from symdiff.io.atomic import atomic_write_text
 
 
 def submit(rendered: Rendered, meta: Optional[dict[str, Any]] = None, sbatch: str = "sbatch") -> str:
@@ -39,10 +26,10 @@ def submit(rendered: Rendered, meta: Optional[dict[str, Any]] = None, sbatch: st
     slurm_dir.mkdir(parents=True, exist_ok=True)
     if rendered.config_path is not None and rendered.config_text is not None:
         if not rendered.config_path.exists():
-            _write_atomic(rendered.config_path, rendered.config_text)
+            atomic_write_text(rendered.config_path, rendered.config_text)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
     script_path = slurm_dir / f"{rendered.job_name}-{stamp}.sbatch"
-    _write_atomic(script_path, rendered.script)
+    atomic_write_text(script_path, rendered.script)
     res = subprocess.run([exe, "--parsable", str(script_path)], capture_output=True, text=True)
     if res.returncode != 0:
         raise UserError(f"sbatch {script_path} failed (exit {res.returncode}): {res.stderr.strip()}")
@@ -54,5 +41,5 @@ def submit(rendered: Rendered, meta: Optional[dict[str, Any]] = None, sbatch: st
               "config": str(rendered.config_path) if rendered.config_path else None, **(meta or {})}
     with open(slurm_dir / "jobs.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    _write_atomic(slurm_dir / "job_id", job_id + "\n")
+    atomic_write_text(slurm_dir / "job_id", job_id + "\n")
     return job_id

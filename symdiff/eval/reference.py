@@ -129,10 +129,10 @@ def _cached_set(name: str, build) -> set[str]:
         with gzip.open(path, "rt") as fh:
             return {ln.rstrip("\n") for ln in fh if ln.strip()}
     values = build()
-    from symdiff.io.molfiles import _atomic_write_bytes
+    from symdiff.io.atomic import atomic_write_bytes
 
     payload = gzip.compress(("\n".join(sorted(values)) + "\n").encode("utf-8"))
-    _atomic_write_bytes(path, lambda fh: fh.write(payload))
+    atomic_write_bytes(path, lambda fh: fh.write(payload))
     return values
 
 

@@ -136,9 +136,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     table, stats = derive_from_smiles(smi, {"source": args.source or str(args.smiles)})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    from symdiff.io.molfiles import _atomic_write_text
+    from symdiff.io.atomic import atomic_write_text
 
-    _atomic_write_text(out, json.dumps(table.to_json(), indent=1) + "\n")
+    atomic_write_text(out, json.dumps(table.to_json(), indent=1) + "\n")
     print(json.dumps(stats))
     return 0
 

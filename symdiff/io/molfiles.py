@@ -27,7 +27,6 @@ import io
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -36,6 +35,7 @@ import numpy as np
 from symdiff.data.molecules import MoleculeSet
 from symdiff.data.validate import checked_set, npz_array, open_npz
 from symdiff.errors import DataError
+from symdiff.io.atomic import atomic_write_bytes, atomic_write_text
 
 NPZ_FORMAT = "symdiff-molecules"
 NPZ_VERSION = 1
@@ -80,36 +80,6 @@ def element_number(symbol: str) -> int:
         raise ValueError(f"'{symbol}' is not an element symbol") from None
 
 
-# --------------------------------------------------------------------------------------------------- atomic writes
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write_bytes(path: PathLike, write) -> None:
-    """Call ``write(fileobj)`` on a temp file in the target's directory, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would have
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _atomic_write_text(path: PathLike, text: str) -> None:
-    _atomic_write_bytes(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 # ----------------------------------------------------------------------------------------------------------- writers
@@ -157,7 +127,7 @@ def write_sdf(path: PathLike, mols: MoleculeSet, bonds: Optional[Sequence[np.nda
             chunk = charged[s:s + 8]
             out.write(f"M  CHG{len(chunk):3d}" + "".join(f" {a:3d} {q:3d}" for a, q in chunk) + "\n")
         out.write("M  END\n$$$$\n")
-    _atomic_write_text(path, out.getvalue())
+    atomic_write_text(path, out.getvalue())
 
 
 def write_xyz(path: PathLike, mols: MoleculeSet) -> None:
@@ -174,7 +144,7 @@ def write_xyz(path: PathLike, mols: MoleculeSet) -> None:
         for k in range(lo, hi):
             x, y, z = (float(v) for v in mols.positions[k])
             out.write(f"{symbols[int(mols.atomic_numbers[k])]:<2} {x:14.8f} {y:14.8f} {z:14.8f}\n")
-    _atomic_write_text(path, out.getvalue())
+    atomic_write_text(path, out.getvalue())
 
 
 def write_npz(path: PathLike, mols: MoleculeSet) -> None:
@@ -187,7 +157,7 @@ def write_npz(path: PathLike, mols: MoleculeSet) -> None:
     )
     if mols.formal_charges is not None:
         arrays["formal_charges"] = np.asarray(mols.formal_charges, dtype=np.int8)
-    _atomic_write_bytes(path, lambda fh: np.savez(fh, **arrays))
+    atomic_write_bytes(path, lambda fh: np.savez(fh, **arrays))
 
 
 def write_molecules(path: PathLike, mols: MoleculeSet) -> None:

@@ -36,6 +36,7 @@ from omegaconf import DictConfig
 
 from symdiff.data.shards import sha256_file
 from symdiff.errors import CheckpointError
+from symdiff.io.atomic import atomic_write_text
 from symdiff.train import safe_load
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,6 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass  # some file systems cannot fsync directories; the rename is still atomic
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _files_of(tag_dir: Path) -> list[Path]:
@@ -305,7 +297,7 @@ def _publish(engine, ckpt_dir: Path, tmp: Path, final: Path, step: int, keep_las
     marker = {"format": FORMAT_VERSION, "tag": final.name, "step": step, "world_size": dist.get_world_size(),
               "zero_stage": int(engine.zero_optimization_stage()), "bf16": bool(engine.bfloat16_enabled()),
               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files}
-    _write_atomic(tmp / MARKER, json.dumps(marker, indent=1))
+    atomic_write_text(tmp / MARKER, json.dumps(marker, indent=1))
     _fsync_dir(tmp)
     if final.exists():
         # A directory of this step from an earlier pass: one found corrupt at resume (the run restarted from an
@@ -319,7 +311,7 @@ def _publish(engine, ckpt_dir: Path, tmp: Path, final: Path, step: int, keep_las
     else:
         os.rename(tmp, final)
     _fsync_dir(ckpt_dir)
-    _write_atomic(ckpt_dir / "latest", final.name)
+    atomic_write_text(ckpt_dir / "latest", final.name)
     _prune(ckpt_dir, keep_last)
 
 

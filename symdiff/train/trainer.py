@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import math
-import os
 import resource
 import signal
 import time
@@ -28,6 +27,7 @@ from omegaconf import DictConfig
 from symdiff.config import config_hash, to_dict, to_yaml
 from symdiff.data.batch import Batch
 from symdiff.errors import UserError
+from symdiff.io.atomic import atomic_write_text
 from symdiff.train import checkpoint as ckpt
 from symdiff.train.ema import EMA
 from symdiff.train.engine import (build_engine, effective_zero_stage, grad_shards, init_distributed, is_stage3,
@@ -156,9 +156,7 @@ def _rewind_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 
 @torch.no_grad()
@@ -350,8 +348,8 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str, env: DistEnv, stop: _Sto
     metrics_path = run_dir / "metrics.jsonl"
     writer = None
     if rank == 0:
-        ckpt._write_atomic(run_dir / "config.yaml", to_yaml(cfg))
-        ckpt._write_atomic(run_dir / "deepspeed_config.json", json.dumps(ds_cfg, indent=1) + "\n")
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        atomic_write_text(run_dir / "deepspeed_config.json", json.dumps(ds_cfg, indent=1) + "\n")
         _rewind_metrics(metrics_path, step)
         _rewind_metrics(run_dir / "eval.jsonl", step)
         try:
