@@ -651,7 +651,8 @@ def section_sampling(ctx: Ctx, box: Box) -> dict:
             entry["sampling_s"] = float(m.group(1))
             entry["s_per_molecule"] = float(m.group(1)) / n
             entry["s_for_10000"] = entry["s_per_molecule"] * 10_000
-            per_mol = entry["s_per_molecule"] / steps
+            # a tiny smoke batch can finish within the log's rounding: never divide by a zero time below
+            per_mol = max(entry["s_per_molecule"], 1e-6) / steps
         if n < p.sample_n:
             entry["note"] = f"{n} of {p.sample_n} molecules to fit the section's time box; s/molecule is per molecule"
         scores = ctx.work / f"eval_{sampler}_{steps}.json"

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - t0
     with writing(out, "--out"):  # the writers go through a temporary name
         write_molecules(out, mols)
-    log.info("wrote %d molecules (%d atoms) to %s in %.1f s (%.3f s/molecule, %d steps (%s), %s)", len(mols),
+    log.info("wrote %d molecules (%d atoms) to %s in %.3f s (%.4f s/molecule, %d steps (%s), %s)", len(mols),
              int(mols.n_atoms.sum()), out, elapsed, elapsed / n, steps, sampler, device)
     return 0
 
