@@ -32,6 +32,19 @@ class Process(nn.Module):
             raise ValueError(f"diffusion target '{target}' is not one of {', '.join(TARGETS)}")
         self.target, self.target_options = str(target), dict(options or {})
 
+    @staticmethod
+    def _loss_stats(loss: torch.Tensor, err_x: torch.Tensor, err_h: torch.Tensor, denom: int, mask: torch.Tensor,
+                    target: torch.Tensor, eps: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-step statistics of an eps-matching loss (vdm, vpsde), from its per-molecule squared errors."""
+        dtype = err_x.dtype
+        stats = {"loss": loss.detach(), "l2_x": (0.5 * err_x / denom).mean().detach(),
+                 "l2_h": (0.5 * err_h / denom).mean().detach(),
+                 "atoms_per_mol": mask.sum(1).to(dtype).mean().detach(),
+                 "padding_fraction": 1.0 - mask.to(dtype).mean().detach()}
+        if target is not eps:  # how far the quotient target moved from the drawn noise, on the loss's scale
+            stats["l2_target_shift"] = (0.5 * ((target - eps) ** 2).sum((1, 2)) / denom).mean().detach()
+        return stats
+
     def nll(self, *args: Any, **kwargs: Any) -> Any:
         """The processes that define a likelihood (vdm) override this; the others refuse with one message."""
         raise NotImplementedError(f"the {self.name} process defines no likelihood here (no NLL); use "

@@ -89,13 +89,7 @@ class VDM(Process):
         # t = 0: only the x part is Gaussian; the h part is scored by the discrete likelihood (constant in theta).
         per_mol = 0.5 * torch.where(t_int == 0, err_x, err_x + err_h) / denom
         loss = per_mol.mean()
-        stats = {"loss": loss.detach(), "l2_x": (0.5 * err_x / denom).mean().detach(),
-                 "l2_h": (0.5 * err_h / denom).mean().detach(),
-                 "atoms_per_mol": mask.sum(1).to(xh.dtype).mean().detach(),
-                 "padding_fraction": 1.0 - mask.to(xh.dtype).mean().detach()}
-        if target is not eps:  # how far the quotient target moved from the drawn noise, on the loss's scale
-            stats["l2_target_shift"] = (0.5 * ((target - eps) ** 2).sum((1, 2)) / denom).mean().detach()
-        return loss, stats
+        return loss, self._loss_stats(loss, err_x, err_h, denom, mask, target, eps)
 
     # ------------------------------------------------------------------ likelihood
     def nll(self, denoise: DenoiseFn, f: Features, log_p_n: torch.Tensor, t_int: Optional[torch.Tensor] = None,

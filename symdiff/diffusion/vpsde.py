@@ -111,13 +111,7 @@ class VPSDE(Process):
         denom = (3 + self.d) * N
         err_x, err_h = err[..., :3].sum((1, 2)), err[..., 3:].sum((1, 2))
         loss = (0.5 * (err_x + err_h) / denom).mean()
-        stats = {"loss": loss.detach(), "l2_x": (0.5 * err_x / denom).mean().detach(),
-                 "l2_h": (0.5 * err_h / denom).mean().detach(),
-                 "atoms_per_mol": mask.sum(1).to(xh.dtype).mean().detach(),
-                 "padding_fraction": 1.0 - mask.to(xh.dtype).mean().detach()}
-        if target is not eps:  # how far the quotient target moved from the drawn noise, on the loss's scale
-            stats["l2_target_shift"] = (0.5 * ((target - eps) ** 2).sum((1, 2)) / denom).mean().detach()
-        return loss, stats
+        return loss, self._loss_stats(loss, err_x, err_h, denom, mask, target, eps)
 
     # ------------------------------------------------------------------ samplers
     def _t(self, t: float, z: torch.Tensor) -> torch.Tensor:
