@@ -6,16 +6,16 @@ before any training.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from symdiff.errors import UserError
+
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.xh_hidden_size=16",
@@ -25,10 +25,7 @@ TINY_MODEL = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "mod
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_lc", REPO / "benchmarks" / "bench_model_learning_curve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_model_learning_curve.py")
 
 
 def test_learning_curve_trains_with_symdiff_train_and_scores_every_checkpoint(bench, tmp_path: Path,

@@ -8,13 +8,14 @@ plan are checked on numbers given by hand.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
 import yaml
+
+from scripts import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "model.xh_hidden_size=16",
@@ -25,10 +26,7 @@ TINY_MODEL = ["model.hidden_size=32", "model.depth=1", "model.num_heads=2", "mod
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_steps", REPO / "benchmarks" / "bench_steps.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/bench_steps.py")
 
 
 def argv(root: Path) -> list[str]:

@@ -1,17 +1,15 @@
 """Every figure the README and docs/ quote from benchmarks/results/ equals its JSON (tools/check_doc_numbers.py)."""
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
+from scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("check_doc_numbers", REPO / "tools" / "check_doc_numbers.py")
-cdn = sys.modules.setdefault("check_doc_numbers", importlib.util.module_from_spec(_spec))
-_spec.loader.exec_module(cdn)
+cdn = load_script("tools/check_doc_numbers.py")
 
 
 def _id(check) -> str:

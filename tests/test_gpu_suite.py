@@ -2,7 +2,6 @@
 so that it cannot rot between the rare GPU runs, and its pieces with known numbers."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,16 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from scripts import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", REPO / "benchmarks" / "gpu_suite.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_suite"] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("benchmarks/gpu_suite.py")
 
 
 def test_cpu_smoke_runs_every_section_and_writes_the_report(tmp_path):

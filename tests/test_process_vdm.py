@@ -6,7 +6,6 @@ denoiser call, one reverse step, the decoder and 5- and 50-step samples at fixed
 """
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,16 +15,15 @@ import torch
 from symdiff.config import from_dict
 from symdiff.models import build_model
 
+from scripts import load_script
+
 DATA = Path(__file__).parent / "data"
 REF = torch.load(DATA / "vdm_reference.pt", weights_only=True)
 CASES = [k for k in REF if k != "batch"]
 
 
 def _maker():
-    spec = importlib.util.spec_from_file_location("make_vdm_reference", DATA / "make_vdm_reference.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tests/data/make_vdm_reference.py")
 
 
 def _batch() -> SimpleNamespace:
