@@ -113,6 +113,11 @@ def test_symdiff_train_on_the_quotient_config_lowers_the_loss_and_samples(tmp_pa
     losses = [r["loss"] for r in rows]
     assert len(losses) == 30
     assert sum(losses[-10:]) < 0.9 * sum(losses[:10]), losses
+    # the process's statistics are logged beside the loss: the vdm loss is l2_x plus l2_h off t = 0, and the
+    # quotient target moved away from the drawn noise
+    for r in rows:
+        assert r["l2_x"] * (1 - 1e-6) <= r["loss"] <= (r["l2_x"] + r["l2_h"]) * (1 + 1e-6), r
+        assert r["l2_target_shift"] > 0, r
     sdf, js = tmp_path / "x.sdf", tmp_path / "m.json"
     res = _symdiff("sample", "--run", str(run), "--n", "10", "--steps", "10", "--out", str(sdf), "--no-progress")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]

@@ -27,7 +27,7 @@ class _Engine:
 @pytest.mark.parametrize("scale", [1.0, float("inf"), float("nan")])
 def test_compute_loss_keeps_finite_losses_to_the_bit_and_poisons_the_rest(scale):
     w = torch.tensor([0.3, -1.7, 2.2], requires_grad=True)
-    loss = compute_loss(_Engine(w, scale), None, 1)
+    loss, _ = compute_loss(_Engine(w, scale), None, 1)
     (g,) = torch.autograd.grad(loss, w)
     if scale == 1.0:
         plain = (w ** 2).sum()
@@ -58,6 +58,9 @@ def test_reduced_statistics_equal_the_host_sum_bit_for_bit(gloo_group):
         dev_sum += x.double()
     res = step_stats.reduce_stats(dev_sum, [3, 64, 1100.0, 1856.0], torch.device("cpu")).result()
     assert res.dtype == torch.float64 and res.tolist() == [host_sum, 3, 64, 1100.0, 1856.0]
+    extra = torch.tensor([0.25, 1.5], dtype=torch.float64)  # the process's statistics ride along at the end
+    res = step_stats.reduce_stats(dev_sum, [3, 64], torch.device("cpu"), extra).result()
+    assert res.tolist() == [host_sum, 3, 64, 0.25, 1.5]
 
 
 def test_pending_statistics_wait_on_their_own_event_once():

@@ -29,12 +29,17 @@ class PendingStats:
         return self._host
 
 
-def reduce_stats(loss_sum: torch.Tensor, counts: Sequence[float], device: torch.device) -> PendingStats:
-    """All-reduce [loss_sum, *counts] (float64) over the ranks; returns the pending host copy."""
+def reduce_stats(loss_sum: torch.Tensor, counts: Sequence[float], device: torch.device,
+                 device_sums: Optional[torch.Tensor] = None) -> PendingStats:
+    """All-reduce [loss_sum, *counts, *device_sums] (float64) over the ranks; returns the pending host copy.
+    ``device_sums`` are further sums already on the device (the process's step statistics)."""
     cuda = device.type == "cuda"
-    host = torch.tensor([0.0, *counts], dtype=torch.float64)
+    n_extra = 0 if device_sums is None else int(device_sums.numel())
+    host = torch.tensor([0.0, *counts, *([0.0] * n_extra)], dtype=torch.float64)
     stats = (host.pin_memory() if cuda else host).to(device, non_blocking=cuda)
     stats[0] += loss_sum  # 0.0 + x is x: the first entry is the device's sum, bit for bit
+    if n_extra:
+        stats[len(stats) - n_extra:] += device_sums.reshape(-1)
     dist.all_reduce(stats)  # NCCL queues it on the device; the host goes on
     if not cuda:
         return PendingStats(stats, None)

@@ -71,12 +71,17 @@ def split_batch(batch: Batch, n: int, by_size: bool = False) -> list[Batch]:
     return out
 
 
-def compute_loss(engine, micro: Batch, step: int) -> torch.Tensor:
-    """The loss of one micro-batch of ``step`` (the seeds are set by the caller). A non-finite loss is made NaN so
-    that its gradients are non-finite too and the optimizer's overflow check skips the step."""
-    loss, _stats = engine(micro)
+def compute_loss(engine, micro: Batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one micro-batch of ``step`` (the seeds are set by the caller) and the process's detached step
+    statistics. A non-finite loss is made NaN so that its gradients are non-finite too and the optimizer's overflow
+    check skips the step."""
+    loss, stats = engine(micro)
     # A factor of 1 or NaN chosen on the device: `if not torch.isfinite(loss)` would stop the host every step.
-    return loss * torch.where(torch.isfinite(loss), loss.new_ones(()), loss.new_full((), float("nan")))
+    return loss * torch.where(torch.isfinite(loss), loss.new_ones(()), loss.new_full((), float("nan"))), stats
+
+
+# Keys of the process's statistics that the log has already (from the data) or that are the loss itself.
+_LOGGED_ELSEWHERE = frozenset({"loss", "padding_fraction", "atoms_per_mol"})
 
 
 class _StopFlag:
@@ -383,6 +388,7 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str, env: DistEnv, stop: _Sto
     fetch = Prefetcher(loader, device, lambda b: split_batch(b, n_local, by_size=by_size))
     ahead = None
     unread: Optional[PendingStats] = None  # the previous step's statistics, not yet read on the host
+    stat_keys: Optional[list[str]] = None  # the process statistics logged beside the loss
     last: Optional[torch.Tensor] = None  # the newest statistics read
 
     def absorb(res: torch.Tensor) -> None:
@@ -398,9 +404,14 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str, env: DistEnv, stop: _Sto
         step += 1
         skipped_before = engine.skipped_steps
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        stat_sums: Optional[torch.Tensor] = None
         for j, micro in enumerate(cur.micros):
             torch.manual_seed(seed_of(seed, step, rank + j * world))
-            loss = compute_loss(engine, micro, step)
+            loss, micro_stats = compute_loss(engine, micro, step)
+            if stat_keys is None:  # fixed by the process and its config: the same on every rank and step
+                stat_keys = sorted(k for k in micro_stats if k not in _LOGGED_ELSEWHERE)
+            vals = torch.stack([micro_stats[k].detach().double() for k in stat_keys]) if stat_keys else None
+            stat_sums = vals if stat_sums is None else stat_sums + vals
             if j == 0 and step < int(t.max_steps):
                 # the host draws and sends the next batch while the device runs this forward (no torch RNG used)
                 ahead = fetch.next()
@@ -413,9 +424,10 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str, env: DistEnv, stop: _Sto
 
         # One small all-reduce per step: global loss, data counts, the data-order check, and the stop request. It is
         # read on the host a step late, or at once on the steps that log (the same on every rank: all decide alike).
-        pending = reduce_stats(loss_sum, [n_local, len(batch), float(batch.n_atoms.sum()), float(batch.mask.numel()),
-                                          float(batch.mol_ids.sum()), float((batch.mol_ids.double() ** 2).sum()),
-                                          1.0 if stop.signum is not None else 0.0], device)
+        counts = [n_local, len(batch), float(batch.n_atoms.sum()), float(batch.mask.numel()),
+                  float(batch.mol_ids.sum()), float((batch.mol_ids.double() ** 2).sum()),
+                  1.0 if stop.signum is not None else 0.0]
+        pending = reduce_stats(loss_sum, counts, device, stat_sums)
         if unread is not None:
             last = unread.result()
             absorb(last)
@@ -448,13 +460,15 @@ def _train(cfg: DictConfig, run_dir: Path, resume: str, env: DistEnv, stop: _Sto
                    "padding_fraction": 1.0 - window["atoms"] / max(window["slots"], 1.0),
                    "memory_gb": _memory_gb(device), "skipped": skipped, "nonfinite_total": nonfinite_total,
                    "mol_id_sum": float(stats[5]), "mol_id_sqsum": float(stats[6]), "time": time.time()}
+            # the process's own statistics (e.g. l2_x, l2_h), averaged over the step's micro-batches like the loss
+            rec.update({k: float(stats[1 + len(counts) + i] / stats[1]) for i, k in enumerate(stat_keys or [])})
             # json writes floats with repr(): the shortest text that reads back to the same double.
             with open(metrics_path, "a") as f:
                 f.write(json.dumps({k: (v if not isinstance(v, float) or math.isfinite(v) else str(v))
                                     for k, v in rec.items()}) + "\n")
             if writer is not None:
                 for k in ("loss", "grad_norm", "lr", "it_per_s", "molecules_per_s", "tokens_per_s",
-                          "padding_fraction", "memory_gb"):
+                          "padding_fraction", "memory_gb", *(stat_keys or [])):
                     if isinstance(rec[k], float) and math.isfinite(rec[k]):
                         writer.add_scalar(f"train/{k}", rec[k], step)
             bar.set_postfix(loss=f"{g_loss:.4f}")

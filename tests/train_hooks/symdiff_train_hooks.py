@@ -53,7 +53,7 @@ def install(spec: dict[str, Any]) -> None:
             return g * float("nan")
 
     def faulty_loss(engine, micro, step):
-        loss = compute_loss(engine, micro, step)
+        loss, stats = compute_loss(engine, micro, step)
         if step_sleep:
             time.sleep(step_sleep)
         if dist.get_rank() == 0:
@@ -61,7 +61,7 @@ def install(spec: dict[str, Any]) -> None:
                 loss = loss * float("nan")
             if step in nan_grad:
                 loss = NanGrad.apply(loss)
-        return loss
+        return loss, stats
 
     trainer.compute_loss = faulty_loss
 
