@@ -93,6 +93,21 @@ def _os_error_line(exc: OSError) -> str:
     return f"{' -> '.join(names)}: {what}" if names else what
 
 
+def _say_error(line: str) -> None:
+    """Print the one-line error, or, in a rank of `--nproc`, hand it to the launcher (which prints each distinct
+    line once instead of once per rank)."""
+    folder = os.environ.get("SYMDIFF_LAUNCH_ERRORS")  # symdiff.train.launch.ERRORS_DIR, without importing it
+    if folder and os.path.isdir(folder):
+        from symdiff.io.atomic import atomic_write_text
+
+        try:
+            atomic_write_text(Path(folder) / f"rank{os.environ.get('RANK', '0')}.txt", line + "\n")
+            return
+        except OSError:
+            pass  # the launcher's folder went away: say it here
+    print(line, file=sys.stderr)
+
+
 def run_guarded(command: str, work: Callable[[], Optional[int]]) -> int:
     """The CLI's error boundary: run one subcommand and turn what is the user's doing into one line and an exit
     code. UserError (bad input, named by the code that found it) -> 1; Ctrl-C -> 130; an OSError of the kinds in
@@ -102,7 +117,7 @@ def run_guarded(command: str, work: Callable[[], Optional[int]]) -> int:
     try:
         return int(work() or 0)
     except UserError as exc:
-        print(f"{prefix}: error: {exc}", file=sys.stderr)
+        _say_error(f"{prefix}: error: {exc}")
         return 1
     except KeyboardInterrupt:
         print(f"\n{prefix}: interrupted", file=sys.stderr)
@@ -117,16 +132,16 @@ def run_guarded(command: str, work: Callable[[], Optional[int]]) -> int:
     except OSError as exc:
         if exc.errno not in USER_OS_ERRNOS or _inside_package(exc.filename):
             raise
-        print(f"{prefix}: error: {_os_error_line(exc)}", file=sys.stderr)
+        _say_error(f"{prefix}: error: {_os_error_line(exc)}")
         return 1
     except MemoryError:
-        print(f"{prefix}: error: out of memory (try a smaller --batch-size or --n)", file=sys.stderr)
+        _say_error(f"{prefix}: error: out of memory (try a smaller --batch-size or --n)")
         return 1
     except RuntimeError as exc:
         # torch.cuda.OutOfMemoryError, matched by name so the CLI does not import torch for every command
         if type(exc).__name__ != "OutOfMemoryError":
             raise
-        print(f"{prefix}: error: {str(exc).splitlines()[0]} (try a smaller --batch-size)", file=sys.stderr)
+        _say_error(f"{prefix}: error: {str(exc).splitlines()[0]} (try a smaller --batch-size)")
         return 1
 
 

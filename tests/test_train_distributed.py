@@ -468,3 +468,13 @@ def test_bf16_code_path_on_cpu(tmp_path, shards):
     assert all(v.dtype == torch.float32 for v in ema.values())
     # the fp32 master weights are not bf16-rounded copies: some value is not representable in bf16
     assert any(not torch.equal(v, v.bfloat16().float()) for v in w3.values())
+
+
+def test_bad_input_under_nproc_is_one_line_not_one_per_rank(tmp_path):
+    # Every rank finds the same missing dataset; the user reads it once, without "rank N exited" noise.
+    missing = tmp_path / "nowhere"
+    out = train(tmp_path / "run", missing, 2, "train.max_steps=2", expect=1)
+    errors = [ln for ln in out.splitlines() if "error:" in ln]
+    assert errors == [f"symdiff train: error: {missing}/manifest.json: no manifest (is {missing} a dataset built "
+                      "by `symdiff data build`?)"], out[-3000:]
+    assert "exited with code" not in out and "Traceback" not in out, out[-3000:]

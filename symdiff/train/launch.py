@@ -12,9 +12,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,9 @@ EXIT_NONFINITE = 3
 
 _CHILD_FLAG = "SYMDIFF_LAUNCH_CHILD"
 _PARENT_PID = "SYMDIFF_LAUNCH_PARENT"  # the --nproc launcher's pid, which its ranks must not outlive
+# A folder where each rank leaves its one-line error instead of printing it: ranks usually fail on the same bad
+# input, and the launcher prints each distinct line once rather than once per rank.
+ERRORS_DIR = "SYMDIFF_LAUNCH_ERRORS"
 # After one rank fails, the others get this long to exit by themselves (they usually hit the same error) before
 # they are killed: a rank killed while it reports its own error would hide that error behind "-9".
 _FAIL_GRACE_S = 10.0
@@ -169,6 +174,11 @@ def spawn_local(nproc: int, argv: Sequence[str]) -> int:
         from symdiff.errors import UserError
 
         raise UserError(f"--nproc must be >= 1, got {nproc}")
+    with tempfile.TemporaryDirectory(prefix="symdiff-ranks-") as errors:
+        return _spawn(nproc, argv, Path(errors))
+
+
+def _spawn(nproc: int, argv: Sequence[str], errors: Path) -> int:
     port = free_port()
     procs: list[subprocess.Popen] = []
     for rank in range(nproc):
@@ -177,7 +187,7 @@ def spawn_local(nproc: int, argv: Sequence[str]) -> int:
             env.pop(key)  # the children are our ranks, not the outer launcher's
         env.update({"RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_RANK": str(rank),
                     "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                    _CHILD_FLAG: "1", _PARENT_PID: str(os.getpid())})
+                    _CHILD_FLAG: "1", _PARENT_PID: str(os.getpid()), ERRORS_DIR: str(errors)})
         procs.append(subprocess.Popen([sys.executable, "-m", "symdiff.cli", *argv], env=env))
 
     def forward(signum, _frame):
@@ -188,10 +198,11 @@ def spawn_local(nproc: int, argv: Sequence[str]) -> int:
     # A signal the launcher was started to ignore (`cmd &` in a script ignores SIGINT) stays ignored.
     old = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS if signal.getsignal(s) is not signal.SIG_IGN}
     try:
-        codes, failed = _wait_all(procs)
+        codes, failed = _wait_all(procs, errors)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+    _print_rank_errors(errors, nproc)
     if failed:
         # A killed rank shows up negative (-9); a shell would report 128+9.
         first = codes[failed[0]]
@@ -201,7 +212,23 @@ def spawn_local(nproc: int, argv: Sequence[str]) -> int:
     return 0
 
 
-def _wait_all(procs: list[subprocess.Popen]) -> tuple[dict[int, int], list[int]]:
+def rank_error_file(errors: Path, rank: int) -> Path:
+    return errors / f"rank{rank}.txt"
+
+
+def _print_rank_errors(errors: Path, nproc: int) -> None:
+    """Each distinct error line of the ranks once, naming the ranks unless all of them said it."""
+    said: dict[str, list[int]] = {}
+    for rank in range(nproc):
+        f = rank_error_file(errors, rank)
+        if f.is_file():
+            said.setdefault(f.read_text().rstrip("\n"), []).append(rank)
+    for line, ranks in said.items():
+        who = "" if len(ranks) == nproc else f" (rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))})"
+        print(line + who, file=sys.stderr)
+
+
+def _wait_all(procs: list[subprocess.Popen], errors: Path) -> tuple[dict[int, int], list[int]]:
     """Exit codes of all ranks, and the ranks that failed by themselves (not killed by us), in the order they ended."""
     codes: dict[int, int] = {}
     failed: list[int] = []
@@ -214,7 +241,8 @@ def _wait_all(procs: list[subprocess.Popen]) -> tuple[dict[int, int], list[int]]
             codes[i] = rc
             if rc not in (0, EXIT_REQUEUE) and i not in killed:
                 failed.append(i)
-                log.error("rank %d exited with code %d", i, rc)
+                if not rank_error_file(errors, i).is_file():  # a rank that said why is reported by its line
+                    log.error("rank %d exited with code %d", i, rc)
                 if kill_at is None:
                     kill_at = time.monotonic() + _FAIL_GRACE_S
         if kill_at is not None and time.monotonic() >= kill_at:
