@@ -441,12 +441,13 @@ def _read_layer(path: Path) -> DictConfig:
     return raw
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), *, data: bool = True) -> DictConfig:
     """Load a YAML config over the schema defaults and apply dotted overrides (``train.lr=2e-4``).
 
     A file may name another as ``base: other.yaml`` (relative to itself); its values are applied first.
     Unknown keys, wrongly typed values and values out of range (:data:`RULES`) raise :class:`ConfigError` naming
-    the key and the file or override that set it.
+    the key and the file or override that set it. ``data=False`` is for commands that never read the data
+    (``symdiff info``): ``bundled:NAME`` stays a name instead of being built into the cache.
     """
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
@@ -484,7 +485,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if missing:
         raise ConfigError(f"{source}: required keys not set: {', '.join(missing)}")
     validate(cfg, origin, source)
-    resolve_config(cfg, Path.cwd())  # bundled:NAME -> its built cache dir; a relative override -> from the cwd
+    if data:
+        resolve_config(cfg, Path.cwd())  # bundled:NAME -> its built cache dir; a relative override -> from the cwd
     return cfg
 
 

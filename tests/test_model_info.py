@@ -28,3 +28,11 @@ def test_info_bad_config_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  kind: transformer\n")
     assert main(["info", "--config", str(bad)]) != 0
+
+
+def test_info_reads_no_data_and_builds_no_cache(tmp_path, repo_root, monkeypatch, capsys):
+    # qm9_tiny names bundled:qm9; counting parameters must not build its shards into the user's cache first.
+    monkeypatch.setenv("SYMDIFF_CACHE", str(tmp_path / "cache"))
+    assert main(["info", "--config", str(repo_root / "configs" / "qm9_tiny.yaml")]) == 0
+    assert "1,193,522" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()

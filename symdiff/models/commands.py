@@ -21,12 +21,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json_out:
         check_output_file(args.json_out, "--json", args.overwrite)
     try:
-        cfg = load_config(args.config, list(args.overrides))
+        cfg = load_config(args.config, list(args.overrides), data=False)
     except ConfigError as exc:
         # data.root only matters for training: `info` also runs on a config that leaves it unset.
         if "data.root" not in str(exc):
             raise
-        cfg = load_config(args.config, ["data.root=unused", *args.overrides])
+        cfg = load_config(args.config, ["data.root=unused", *args.overrides], data=False)
     model = build_model(cfg)
     params = count_params(model)
     m = cfg.model
