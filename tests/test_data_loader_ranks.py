@@ -188,3 +188,18 @@ def test_chunked_compressed_shards_read_the_same_molecules(root, tmp_path):
     a = [b.positions for b in _loader(root, batch_size=64, rank=1, world_size=2)]
     b = [b.positions for b in _loader(copy, batch_size=64, rank=1, world_size=2)]
     assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_a_bad_atom_names_its_shard_in_one_line(tmp_path):
+    import h5py
+
+    from symdiff.errors import DataError
+
+    root = tmp_path / "geom"
+    write_dataset(root, "geom", {"train": _geom_sizes_set(3000)}, shard_size=700)
+    bad = root / "train" / "train-00002.h5"
+    with h5py.File(bad, "r+") as f:
+        f["atomic_numbers"][5] = 0
+    lo = L.ShardLoader(root, "train", batch_size=3000, chunk_size=3000)  # one window across all five shards
+    with pytest.raises(DataError, match=f"^{bad}: array 'atomic_numbers': atom 5 has atomic number 0"):
+        next(iter(lo))

@@ -31,7 +31,7 @@ import numpy as np
 from symdiff.data.batch import Batch, collate
 from symdiff.data.manifest import read_manifest
 from symdiff.data.molecules import MoleculeSet
-from symdiff.data.shard_reader import Shard, read_runs
+from symdiff.data.shard_reader import Shard, checked_runs, read_runs
 from symdiff.data.shards import split_entry
 from symdiff.errors import DataError
 
@@ -172,12 +172,13 @@ class ShardLoader:
         cut = np.flatnonzero((np.diff(gids) != 1) | (np.diff(k) != 0)) + 1
         first = np.concatenate([[0], cut])
         last = np.concatenate([cut, [len(gids)]])
-        parts = []
+        parts, shards = [], []
         for shard in np.unique(k[first]):
             sel = k[first] == shard
             base = self.shard_start[shard]
-            parts.append(read_runs(self.shards[shard], gids[first[sel]] - base, gids[last[sel] - 1] + 1 - base))
-        return MoleculeSet.concatenate(parts)
+            shards.append(self.shards[shard])
+            parts.append(read_runs(shards[-1], gids[first[sel]] - base, gids[last[sel] - 1] + 1 - base))
+        return checked_runs(parts, shards)
 
     def _my_share(self, idx: np.ndarray) -> np.ndarray:
         if self.world_size == 1:

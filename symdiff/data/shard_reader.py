@@ -40,14 +40,18 @@ class _Array:
 class Shard:
     """One shard's molecule offsets (read once, validated) and where its atom arrays lie in the file.
 
-    Only the offsets are read at start-up; the HDF5 file is closed again, and data reads go through one file
-    descriptor opened on first use.
+    Only the offsets and molecule ids (16 bytes a molecule) are read at start-up; the HDF5 file is closed again,
+    and the atoms are read through one file descriptor opened on first use.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         with _open_shard(self.path) as (ds, n_mols, n_atoms):
             self.offsets = _offsets_slice(self.path, ds, 0, n_mols, n_mols, n_atoms)
+            try:  # read with the offsets: a third pread per run otherwise, for 8 bytes
+                self.mol_ids = ds["mol_ids"][()]
+            except (OSError, ValueError, TypeError) as exc:
+                raise DataError(f"{self.path}: cannot read array 'mol_ids': {_one_line(exc)}") from None
             self.arrays = {name: _Array(name, d.dtype, tuple(d.shape[1:]), _direct_offset(d))
                            for name, d in ds.items() if name != "offsets"}
         self.n_molecules, self.n_atoms = int(n_mols), int(n_atoms)
@@ -70,17 +74,15 @@ class Shard:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except OSError as exc:
                 raise DataError(f"{self.path}: cannot open shard: {exc.strerror or exc}") from None
-        rb = a.row_bytes
-        parts = []
+        rb, fd, pread = a.row_bytes, self._fd, os.pread
         try:
-            for s, n in zip((a.offset + starts.astype(np.int64) * rb).tolist(), (counts * rb).tolist()):
-                buf = os.pread(self._fd, n, s)
-                if len(buf) != n:
-                    raise DataError(f"{self.path}: array '{name}' is cut short (truncated file?)")
-                parts.append(buf)
+            data = b"".join([pread(fd, n, s) for s, n in zip((a.offset + starts.astype(np.int64) * rb).tolist(),
+                                                             (counts * rb).tolist())])
         except OSError as exc:
             raise DataError(f"{self.path}: cannot read array '{name}': {exc.strerror or exc}") from None
-        return np.frombuffer(b"".join(parts), dtype=a.dtype).reshape(out_shape)
+        if len(data) != out_shape[0] * rb:  # a short pread: the file ends early
+            raise DataError(f"{self.path}: array '{name}' is cut short (truncated file?)")
+        return np.frombuffer(data, dtype=a.dtype).reshape(out_shape)
 
     def _read_rows_hdf5(self, name: str, starts: np.ndarray, stops: np.ndarray, out_shape: tuple[int, ...],
                         dtype: np.dtype) -> np.ndarray:
@@ -119,17 +121,31 @@ def _direct_offset(ds: h5py.Dataset) -> Optional[int]:
 
 
 def read_runs(shard: Shard, starts: np.ndarray, stops: np.ndarray) -> MoleculeSet:
-    """Molecules ``starts[k]:stops[k]`` of ``shard`` for every run k (sorted, disjoint), in that order, validated."""
+    """Molecules ``starts[k]:stops[k]`` of ``shard`` for every run k (sorted, disjoint), in that order, as read:
+    check them with :func:`checked_runs` (once for many shards: the checks cost more than the reads at W >= 64)."""
     starts = np.asarray(starts, dtype=np.int64)
     stops = np.asarray(stops, dtype=np.int64)
     a0, a1 = shard.offsets[starts], shard.offsets[stops]
     z = shard.read_rows("atomic_numbers", a0, a1)
     x = shard.read_rows("positions", a0, a1)
-    ids = shard.read_rows("mol_ids", starts, stops)
     q = shard.read_rows("formal_charges", a0, a1) if shard.has_charges else None
     counts = stops - starts
     mol = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
-    n = shard.offsets[mol + 1] - shard.offsets[mol]
     off = np.zeros(len(mol) + 1, dtype=np.int64)
-    np.cumsum(n, out=off[1:])
-    return checked_set(str(shard.path), z, x, off, ids, q)
+    np.cumsum(shard.offsets[mol + 1] - shard.offsets[mol], out=off[1:])
+    return MoleculeSet(atomic_numbers=z, positions=x, offsets=off, mol_ids=shard.mol_ids[mol], formal_charges=q)
+
+
+def checked_runs(parts: list[MoleculeSet], shards: list[Shard]) -> MoleculeSet:
+    """``parts`` (from :func:`read_runs` of ``shards``) concatenated and validated; a bad one names its file."""
+    data = MoleculeSet.concatenate(parts)
+    try:
+        return _checked(str(shards[0].path), data)
+    except DataError:
+        for part, shard in zip(parts, shards):
+            _checked(str(shard.path), part)
+        raise
+
+
+def _checked(where: str, m: MoleculeSet) -> MoleculeSet:
+    return checked_set(where, m.atomic_numbers, m.positions, m.offsets, m.mol_ids, m.formal_charges)
