@@ -204,3 +204,14 @@ def test_a_bad_atom_names_its_shard_in_one_line(tmp_path):
     lo = L.ShardLoader(root, "train", batch_size=3000, chunk_size=3000)  # one window across all five shards
     with pytest.raises(DataError, match=f"^{bad}: array 'atomic_numbers': atom 5 has atomic number 0"):
         next(iter(lo))
+
+
+def test_ids_read_with_the_runs_match_ids_read_up_front(root, monkeypatch):
+    kw = dict(batch_size=0, max_atoms_per_batch=900, rank=2, world_size=3)
+    up_front = [(b.mol_ids, b.positions) for b in _loader(root, **kw)]
+    monkeypatch.setattr(L, "IDS_UP_FRONT_MAX_WORLD", 0)
+    lo = _loader(root, **kw)
+    assert all(s.mol_ids is None for s in lo.shards)
+    with_runs = [(b.mol_ids, b.positions) for b in lo]
+    assert len(up_front) == len(with_runs)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(up_front, with_runs))

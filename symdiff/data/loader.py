@@ -37,6 +37,7 @@ from symdiff.data.shards import split_entry
 from symdiff.errors import DataError
 
 log = logging.getLogger(__name__)
+IDS_UP_FRONT_MAX_WORLD = 8
 
 
 @dataclass
@@ -64,8 +65,11 @@ class ShardLoader:
 
         self.shard_paths = [self.root / s["path"] for s in entry["shards"]]
         self.shards: list[Shard] = []
+        # A rank of a few reads most molecules' ids anyway, and a third pread per run of about one molecule costs
+        # it ~25% of its time; a rank of many reads ~1/W of them with its runs, not 8 bytes of every molecule.
+        ids_up_front = self.world_size <= IDS_UP_FRONT_MAX_WORLD
         for p, s in zip(self.shard_paths, entry["shards"]):
-            shard = Shard(p)
+            shard = Shard(p, ids_up_front=ids_up_front)
             if shard.n_molecules != s["n_molecules"]:
                 raise DataError(f"{p}: holds {shard.n_molecules} molecules, manifest says {s['n_molecules']}")
             self.shards.append(shard)

@@ -40,18 +40,20 @@ class _Array:
 class Shard:
     """One shard's molecule offsets (read once, validated) and where its atom arrays lie in the file.
 
-    Only the offsets and molecule ids (16 bytes a molecule) are read at start-up; the HDF5 file is closed again,
-    and the atoms are read through one file descriptor opened on first use.
+    Only the offsets (and with ``ids_up_front`` the molecule ids, 8 more bytes a molecule) are read at start-up;
+    the HDF5 file is closed again, and the atoms are read through one file descriptor opened on first use.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, ids_up_front: bool = False) -> None:
         self.path = Path(path)
+        self.mol_ids: Optional[np.ndarray] = None
         with _open_shard(self.path) as (ds, n_mols, n_atoms):
             self.offsets = _offsets_slice(self.path, ds, 0, n_mols, n_mols, n_atoms)
-            try:  # read with the offsets: a third pread per run otherwise, for 8 bytes
-                self.mol_ids = ds["mol_ids"][()]
-            except (OSError, ValueError, TypeError) as exc:
-                raise DataError(f"{self.path}: cannot read array 'mol_ids': {_one_line(exc)}") from None
+            if ids_up_front:
+                try:
+                    self.mol_ids = ds["mol_ids"][()]
+                except (OSError, ValueError, TypeError) as exc:
+                    raise DataError(f"{self.path}: cannot read array 'mol_ids': {_one_line(exc)}") from None
             self.arrays = {name: _Array(name, d.dtype, tuple(d.shape[1:]), _direct_offset(d))
                            for name, d in ds.items() if name != "offsets"}
         self.n_molecules, self.n_atoms = int(n_mols), int(n_atoms)
@@ -133,7 +135,8 @@ def read_runs(shard: Shard, starts: np.ndarray, stops: np.ndarray) -> MoleculeSe
     mol = np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
     off = np.zeros(len(mol) + 1, dtype=np.int64)
     np.cumsum(shard.offsets[mol + 1] - shard.offsets[mol], out=off[1:])
-    return MoleculeSet(atomic_numbers=z, positions=x, offsets=off, mol_ids=shard.mol_ids[mol], formal_charges=q)
+    ids = shard.read_rows("mol_ids", starts, stops) if shard.mol_ids is None else shard.mol_ids[mol]
+    return MoleculeSet(atomic_numbers=z, positions=x, offsets=off, mol_ids=ids, formal_charges=q)
 
 
 def checked_runs(parts: list[MoleculeSet], shards: list[Shard]) -> MoleculeSet:
