@@ -9,8 +9,7 @@ How one epoch's order is made (it depends only on the seed, the epoch and the da
    carried into the next, so every batch is full but the last), or, with ``max_atoms_per_batch``, a token budget:
    the window is sorted by atom count into ``n_buckets`` buckets (each shuffled), and the bucket sequence is cut
    greedily so a batch's real atoms stay within the budget; batch order is then shuffled inside the window.
-4. Every rank sees the same list of global batches and takes its share of each (every ``world_size``-th molecule;
-   with a token budget, dealt out serpentine by size so that the ranks' atom counts match).
+4. Every rank sees the same list of global batches and takes its share of each (every ``world_size``-th molecule).
 
 Steps 1-3 need only the molecules' sizes, which every rank has from the shards' offsets (read once at start-up).
 So a rank reads the atoms of its own share of each batch and nothing else: per window, the union of its shares,
@@ -188,19 +187,12 @@ class ShardLoader:
     def _my_share(self, idx: np.ndarray) -> np.ndarray:
         if self.world_size == 1:
             return idx
+        if self.max_atoms > 0:
+            # Size-sorted round robin gives every rank nearly the same number of atoms.
+            idx = idx[np.argsort(-self.sizes[idx], kind="stable")]
         if len(idx) < self.world_size:
             # Too few molecules for every rank: wrap around rather than hand a rank an empty batch.
-            if self.max_atoms > 0:
-                idx = idx[np.argsort(-self.sizes[idx], kind="stable")]
             return idx[[self.rank % len(idx)]]
-        if self.max_atoms > 0:
-            # Deal the size-sorted batch out serpentine (ranks 0..W-1, then W-1..0, ...) so every rank gets nearly
-            # the same number of atoms: a plain round robin hands rank 0 the largest molecule of every W, which at
-            # W = 512 and 8 GEOM molecules a rank is ~11% more atoms (and bytes) than the mean, and all ranks wait.
-            idx = idx[np.argsort(-self.sizes[idx], kind="stable")]
-            w, blocks = self.world_size, np.arange(-(-len(idx) // self.world_size))
-            pos = blocks * w + np.where(blocks % 2 == 0, self.rank, w - 1 - self.rank)
-            return idx[pos[pos < len(idx)]]
         return idx[self.rank::self.world_size]
 
     def __iter__(self) -> Iterator[Batch]:
