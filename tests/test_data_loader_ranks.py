@@ -214,3 +214,19 @@ def test_ids_read_with_the_runs_match_ids_read_up_front(root, monkeypatch):
     with_runs = [(b.mol_ids, b.positions) for b in lo]
     assert len(up_front) == len(with_runs)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(up_front, with_runs))
+
+
+def test_open_files_stay_bounded(tmp_path, monkeypatch):
+    import os
+
+    root = tmp_path / "geom"
+    write_dataset(root, "geom", {"train": _geom_sizes_set(600)}, shard_size=50)  # 12 shards
+    monkeypatch.setattr(SR, "MAX_OPEN_FILES", 3)
+    before = len(os.listdir("/proc/self/fd"))
+    lo = L.ShardLoader(root, "train", batch_size=40, chunk_size=10, window_chunks=4, seed=2)
+    peak = 0
+    ids = []
+    for b in lo:
+        ids.append(b.mol_ids.numpy())
+        peak = max(peak, len(os.listdir("/proc/self/fd")) - before)
+    assert peak <= 3 and sorted(np.concatenate(ids).tolist()) == list(range(600))

@@ -12,6 +12,8 @@ per run, which reads whole chunks.
 from __future__ import annotations
 
 import os
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,6 +25,11 @@ from symdiff.data.molecules import MoleculeSet
 from symdiff.data.shards import _offsets_slice, _one_line, _open_shard
 from symdiff.data.validate import checked_set
 from symdiff.errors import DataError
+
+
+MAX_OPEN_FILES = 256
+# Shards with an open descriptor, least recently read first (weak: a dropped loader's shards close themselves).
+_OPEN: "OrderedDict[int, weakref.ref[Shard]]" = OrderedDict()
 
 
 @dataclass
@@ -71,12 +78,7 @@ class Shard:
         out_shape = (int(counts.sum()),) + a.row
         if a.offset is None:
             return self._read_rows_hdf5(name, starts, stops, out_shape, a.dtype)
-        if self._fd is None:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY)
-            except OSError as exc:
-                raise DataError(f"{self.path}: cannot open shard: {exc.strerror or exc}") from None
-        rb, fd, pread = a.row_bytes, self._fd, os.pread
+        rb, fd, pread = a.row_bytes, self._descriptor(), os.pread
         try:
             data = b"".join([pread(fd, n, s) for s, n in zip((a.offset + starts.astype(np.int64) * rb).tolist(),
                                                              (counts * rb).tolist())])
@@ -85,6 +87,21 @@ class Shard:
         if len(data) != out_shape[0] * rb:  # a short pread: the file ends early
             raise DataError(f"{self.path}: array '{name}' is cut short (truncated file?)")
         return np.frombuffer(data, dtype=a.dtype).reshape(out_shape)
+
+    def _descriptor(self) -> int:
+        if self._fd is None:
+            # Bounded: a 7M-conformer set is ~700 shards, and clusters often allow 1,024 open files per process.
+            while len(_OPEN) >= MAX_OPEN_FILES:
+                oldest = _OPEN.popitem(last=False)[1]()
+                if oldest is not None:
+                    oldest.close()
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as exc:
+                raise DataError(f"{self.path}: cannot open shard: {exc.strerror or exc}") from None
+        _OPEN[id(self)] = weakref.ref(self)
+        _OPEN.move_to_end(id(self))
+        return self._fd
 
     def _read_rows_hdf5(self, name: str, starts: np.ndarray, stops: np.ndarray, out_shape: tuple[int, ...],
                         dtype: np.dtype) -> np.ndarray:
@@ -104,6 +121,7 @@ class Shard:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+            _OPEN.pop(id(self), None)
         if self._h5 is not None:
             self._h5.close()
             self._h5 = None
