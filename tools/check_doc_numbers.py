@@ -70,6 +70,19 @@ def _sbs(config: str, *keys: str) -> Callable[[Any], float]:
     return get
 
 
+def _scale(w: int, key: str, before: bool = False, div: float = 1.0) -> Callable[[Any], float]:
+    """bench_scale: the median row of world size ``w`` (``before``: the previous loader's, same run)."""
+    def get(d: Any) -> float:
+        rows = d["baseline"]["ranks"] if before else d["ranks"]
+        return next(r for r in rows if r["world_size"] == w)[key] / div
+    return get
+
+
+def _scale_ratio(w: int, before: bool = False) -> Callable[[Any], float]:
+    """Bytes a rank reads per epoch times W, over the bytes of W = 1: 1.0 when they fall as 1/W."""
+    return lambda d: _scale(w, "bytes_read_per_epoch", before)(d) * w / _scale(1, "bytes_read_per_epoch", before)(d)
+
+
 def _build(i: int) -> Callable[[Any], float]:
     return lambda d: d["results"][i]["seconds_best"]
 
@@ -420,6 +433,12 @@ CHECKS: list[Check] = [
                                                                      "{:.2f}"),
         (_loader("padding_fraction", min, budget=True), "{:.2f}"), (_loader("padding_fraction", max, budget=True),
                                                                     "{:.2f}"))),
+    *[Check("docs/data.md", f"| {w} | {who} |", "scale_geom.json", (
+        (_scale(w, "startup_s", before), "{:.2f}"), (_scale(w, "rss_mb", before), "{:.0f}"),
+        (_scale(w, "bytes_read_per_epoch", before, 1e6), "{:,.1f}"), (_scale_ratio(w, before), "{:.3f}"),
+        (_scale(w, "molecules_per_s", before), "{:,.0f}"), (_scale(w, "global_batches_per_s", before), "{:,.1f}"),
+        (_scale(w, "padding_fraction", before), "{:.3f}"), (_scale(w, "resume_s", before), "{:.2f}")))
+      for who, before in (("this", False), ("before", True)) for w in (1, 8, 64, 512)],
     Check("docs/data.md", "seconds per rank for the raw-xyz directory", "data_build.json", (
         (lambda d: d["results"][2]["rank_cpu_seconds_last"][0], "{:.2f} s serial"),
         (lambda d: d["results"][3]["rank_cpu_seconds_last"][0], "{:.2f}"),
@@ -623,7 +642,7 @@ def run_check(check: Check, root: Path) -> list[str]:
 
 
 # How result files are named (a bare name in a document is taken for one when it looks like this).
-RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps)_[\w.\-]+\.json$"
+RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps|scale)_[\w.\-]+\.json$"
 
 
 def named_results(root: Path) -> list[str]:
