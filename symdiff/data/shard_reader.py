@@ -39,9 +39,8 @@ class _Array:
     row: tuple[int, ...]  # trailing shape of one row
     offset: Optional[int]  # byte offset in the file when contiguous and unfiltered, else None
 
-    @property
-    def row_bytes(self) -> int:
-        return int(self.dtype.itemsize * int(np.prod(self.row, dtype=np.int64)))
+    def __post_init__(self) -> None:
+        self.row_bytes = int(self.dtype.itemsize * int(np.prod(self.row, dtype=np.int64)))  # once: read per run
 
 
 class Shard:
