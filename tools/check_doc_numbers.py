@@ -440,10 +440,12 @@ CHECKS: list[Check] = [
         (_scale(w, "padding_fraction", before), "{:.3f}"), (_scale(w, "resume_s", before), "{:.2f}")))
       for who, before in (("this", False), ("before", True)) for w in (1, 8, 64, 512)],
     Check("docs/data.md", "not GEOM-Drugs): ", "scale_geom.json", (
-        (lambda d: d["build"]["n_molecules"], "{:,.0f} conformers"), (lambda d: d["build"]["n_shards"], "{:.0f} shards"),
+        (lambda d: d["build"]["n_molecules"], "{:,.0f} conformers"),
+        (lambda d: d["build"]["n_shards"], "{:.0f} shards"),
         (lambda d: d["build"]["bytes_on_disk"] / 1e9, "{:.2f} GB"))),
     Check("docs/data.md", "The global token budget is", "scale_geom.json", (
-        (lambda d: d["loader"]["max_atoms_per_batch"], "{:,.0f} atoms"), (_scale(512, "molecules_per_batch"), "{:.1f}"))),
+        (lambda d: d["loader"]["max_atoms_per_batch"], "{:,.0f} atoms"),
+        (_scale(512, "molecules_per_batch"), "{:.1f}"))),
     Check("docs/data.md", "global batches it went through, which was", "scale_geom.json", (
         (_scale(1, "fraction_of_epoch_measured"), "{:.2f} at W = 1"),
         (_scale(8, "fraction_of_epoch_measured"), "{:.2f} at W = 8"))),
@@ -458,11 +460,13 @@ CHECKS: list[Check] = [
          "{:.3f} at W = 512"),)),
     Check("docs/data.md", "Peak RSS under 1 GB at W = 512", "scale_geom.json", ((_scale(512, "rss_mb"), "{:.0f} MB"),)),
     Check("docs/data.md", "Start-up under 10 s:", "scale_geom.json", tuple(
-        (lambda d, f=f, b=b: f(x["startup_s"] for r in (d["baseline"] if b else d)["ranks"] for x in r["runs"]), "{:.1f}")
+        (lambda d, f=f, b=b: f(x["startup_s"] for r in (d["baseline"] if b else d)["ranks"] for x in r["runs"]),
+         "{:.1f}")
         for b in (False, True) for f in (min, max))),
     Check("docs/data.md", "conformers/s per loader process: at W = 1", "scale_geom.json", (
         (_scale(1, "molecules_per_s"), "({:,.0f} a second)"),)),
-    Check("docs/data.md", "keeps up with", "scale_geom.json", ((_scale(512, "global_batches_per_s"), "{:.1f} global"),)),
+    Check("docs/data.md", "keeps up with", "scale_geom.json", (
+        (_scale(512, "global_batches_per_s"), "{:.1f} global"),)),
     Check("docs/data.md", "Projected for 64 H100s", "scale_geom.json", (
         (lambda d: d["projection_64_h100"]["gpus"], "{:.0f} H100s"), (lambda d: d["projection_64_h100"]["it_per_s"],
                                                                      "{:.2f} it/s"),
@@ -681,7 +685,8 @@ def run_check(check: Check, root: Path) -> list[str]:
 
 
 # How result files are named (a bare name in a document is taken for one when it looks like this).
-RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps|scale)_[\w.\-]+\.json$"
+RESULT_NAME = (r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps|scale)"
+               r"_[\w.\-]+\.json$")
 
 
 def named_results(root: Path) -> list[str]:
