@@ -150,22 +150,22 @@ def test_streaming_reads_each_molecule_once_and_holds_one_window(root, train, mo
     import symdiff.data.loader as L
 
     reads, held = [], []
-    real_read, real_window = L.read_shard, L.ShardLoader._load_window
+    real_read, real_load = L.read_runs, L.ShardLoader._read
 
-    def counting_read(path, start=0, stop=None):
-        m = real_read(path, start, stop)
+    def counting_read(shard, starts, stops):
+        m = real_read(shard, starts, stops)
         reads.append(len(m))
         return m
 
-    def counting_window(self, win, prev):
-        out = real_window(self, win, prev)
-        held.append(len(out[0]))
+    def counting_load(self, gids):
+        out = real_load(self, gids)
+        held.append(len(out))
         return out
 
-    monkeypatch.setattr(L, "read_shard", counting_read)
-    monkeypatch.setattr(L.ShardLoader, "_load_window", counting_window)
+    monkeypatch.setattr(L, "read_runs", counting_read)
+    monkeypatch.setattr(L.ShardLoader, "_read", counting_load)
     loader = _loader(root, batch_size=64, seed=2)
     n = sum(len(b) for b in loader)
     assert n == len(train) and sum(reads) == len(train)  # no molecule read twice in an uninterrupted epoch
-    assert max(reads) <= 100 and max(held) <= 7 * 100 + 64  # one window (+ carried-over remainder) in memory
+    assert max(held) <= 7 * 100 + 64  # one window (+ carried-over remainder) in memory
     assert len(held) == -(-len(train) // 700)

@@ -70,6 +70,19 @@ def _sbs(config: str, *keys: str) -> Callable[[Any], float]:
     return get
 
 
+def _scale(w: int, key: str, before: bool = False, div: float = 1.0) -> Callable[[Any], float]:
+    """bench_scale: the median row of world size ``w`` (``before``: the previous loader's, same run)."""
+    def get(d: Any) -> float:
+        rows = d["baseline"]["ranks"] if before else d["ranks"]
+        return next(r for r in rows if r["world_size"] == w)[key] / div
+    return get
+
+
+def _scale_ratio(w: int, before: bool = False) -> Callable[[Any], float]:
+    """Bytes a rank reads per epoch times W, over the bytes of W = 1: 1.0 when they fall as 1/W."""
+    return lambda d: _scale(w, "bytes_read_per_epoch", before)(d) * w / _scale(1, "bytes_read_per_epoch", before)(d)
+
+
 def _build(i: int) -> Callable[[Any], float]:
     return lambda d: d["results"][i]["seconds_best"]
 
@@ -420,6 +433,55 @@ CHECKS: list[Check] = [
                                                                      "{:.2f}"),
         (_loader("padding_fraction", min, budget=True), "{:.2f}"), (_loader("padding_fraction", max, budget=True),
                                                                     "{:.2f}"))),
+    *[Check("docs/data.md", f"| {w} | {who} |", "scale_geom.json", (
+        (_scale(w, "startup_s", before), "{:.2f}"), (_scale(w, "rss_mb", before), "{:.0f}"),
+        (_scale(w, "bytes_read_per_epoch", before, 1e6), "{:,.1f}"), (_scale_ratio(w, before), "{:.3f}"),
+        (_scale(w, "molecules_per_s", before), "{:,.0f}"), (_scale(w, "global_batches_per_s", before), "{:,.1f}"),
+        (_scale(w, "padding_fraction", before), "{:.3f}"), (_scale(w, "resume_s", before), "{:.2f}")))
+      for who, before in (("this", False), ("before", True)) for w in (1, 8, 64, 512)],
+    Check("docs/data.md", "not GEOM-Drugs): ", "scale_geom.json", (
+        (lambda d: d["build"]["n_molecules"], "{:,.0f} conformers"),
+        (lambda d: d["build"]["n_shards"], "{:.0f} shards"),
+        (lambda d: d["build"]["bytes_on_disk"] / 1e9, "{:.2f} GB"))),
+    Check("docs/data.md", "The global token budget is", "scale_geom.json", (
+        (lambda d: d["loader"]["max_atoms_per_batch"], "{:,.0f} atoms"),
+        (_scale(512, "molecules_per_batch"), "{:.1f}"))),
+    Check("docs/data.md", "global batches it went through, which was", "scale_geom.json", (
+        (_scale(1, "fraction_of_epoch_measured"), "{:.2f} at W = 1"),
+        (_scale(8, "fraction_of_epoch_measured"), "{:.2f} at W = 8"))),
+    Check("docs/data.md", "MB of it Python, numpy and torch", "scale_geom.json", (
+        (_scale(512, "rss_after_imports_mb"), "{:.0f} MB"),)),
+    Check("docs/data.md", "at the start and", "scale_geom.json", (
+        (lambda d: d["machine"]["load_average_1_5_15min"][0], "{:.1f} at the start"),
+        (lambda d: d["load_average_end"][0], "{:.1f} at the end"))),
+    Check("docs/data.md", "yes for the median rank", "scale_geom.json", ((_scale_ratio(512), "{:.3f} times"),)),
+    Check("docs/data.md", "Not for the heaviest rank measured", "scale_geom.json", (
+        (lambda d: _scale(512, "bytes_read_per_epoch_max_over_ranks")(d) * 512 / _scale(1, "bytes_read_per_epoch")(d),
+         "{:.3f} at W = 512"),)),
+    Check("docs/data.md", "Peak RSS under 1 GB at W = 512", "scale_geom.json", ((_scale(512, "rss_mb"), "{:.0f} MB"),)),
+    Check("docs/data.md", "Start-up under 10 s:", "scale_geom.json", tuple(
+        (lambda d, f=f, b=b: f(x["startup_s"] for r in (d["baseline"] if b else d)["ranks"] for x in r["runs"]),
+         "{:.1f}")
+        for b in (False, True) for f in (min, max))),
+    Check("docs/data.md", "conformers/s per loader process: at W = 1", "scale_geom.json", (
+        (_scale(1, "molecules_per_s"), "({:,.0f} a second)"),)),
+    Check("docs/data.md", "keeps up with", "scale_geom.json", (
+        (_scale(512, "global_batches_per_s"), "{:.1f} global"),)),
+    Check("docs/data.md", "Projected for 64 H100s", "scale_geom.json", (
+        (lambda d: d["projection_64_h100"]["gpus"], "{:.0f} H100s"), (lambda d: d["projection_64_h100"]["it_per_s"],
+                                                                     "{:.2f} it/s"),
+        (lambda d: d["projection_64_h100"]["global_batch"], "batch of {:.0f}"))),
+    Check("docs/data.md", "an epoch of the", "scale_geom.json", (
+        (lambda d: d["build"]["n_molecules"] / 1e6, "{:.2f}M"), (lambda d: d["projection_64_h100"]["epoch_hours"],
+                                                                "{:.1f} h"),
+        (lambda d: d["projection_64_h100"]["bytes_per_rank_per_epoch"] / 1e6, "{:.1f} MB"),
+        (lambda d: d["projection_64_h100"]["mb_per_s_per_rank"], "{:.4f} MB/s"),
+        (lambda d: d["projection_64_h100"]["bytes_all_ranks_per_epoch"] / 1e9, "{:.2f} GB"),
+        (lambda d: d["projection_64_h100"]["mb_per_s_all_ranks"], "{:.3f} MB/s"))),
+    Check("docs/data.md", "the previous loader read", "scale_geom.json", (
+        (lambda d: d["baseline"]["projection_64_h100"]["bytes_per_rank_per_epoch"] / 1e9, "{:.2f} GB per rank"),
+        (lambda d: d["baseline"]["projection_64_h100"]["bytes_all_ranks_per_epoch"] / 1e9, "{:.1f} GB per epoch"),
+        (lambda d: d["baseline"]["projection_64_h100"]["mb_per_s_all_ranks"], "{:.1f} MB/s"))),
     Check("docs/data.md", "seconds per rank for the raw-xyz directory", "data_build.json", (
         (lambda d: d["results"][2]["rank_cpu_seconds_last"][0], "{:.2f} s serial"),
         (lambda d: d["results"][3]["rank_cpu_seconds_last"][0], "{:.2f}"),
@@ -427,7 +489,7 @@ CHECKS: list[Check] = [
     Check("docs/data.md", "s with 2 ranks); see", "data_build.json", (
         (lambda d: d["results"][2]["seconds_best"], "{:.2f} s serial"),
         (lambda d: d["results"][3]["seconds_best"], "{:.2f} s with 2 ranks"))),
-    Check("docs/data.md", "is about half the single-process rate", "data_loader.json", (
+    Check("docs/data.md", "about half the single-process rate", "data_loader.json", (
         (lambda d: min(r["molecules_per_s_median"] for r in d["results"]
                        if r["data"] == "QM9 train" and r.get("world_size") == 2) / 1000, "{:.0f},000"),
         (lambda d: max(r["molecules_per_s_median"] for r in d["results"]
@@ -623,7 +685,8 @@ def run_check(check: Check, root: Path) -> list[str]:
 
 
 # How result files are named (a bare name in a document is taken for one when it looks like this).
-RESULT_NAME = r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps)_[\w.\-]+\.json$"
+RESULT_NAME = (r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps|scale)"
+               r"_[\w.\-]+\.json$")
 
 
 def named_results(root: Path) -> list[str]:

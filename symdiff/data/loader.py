@@ -11,6 +11,11 @@ How one epoch's order is made (it depends only on the seed, the epoch and the da
    greedily so a batch's real atoms stay within the budget; batch order is then shuffled inside the window.
 4. Every rank sees the same list of global batches and takes its share of each (every ``world_size``-th molecule).
 
+Steps 1-3 need only the molecules' sizes, which every rank has from the shards' offsets (read once at start-up).
+So a rank reads the atoms of its own share of each batch and nothing else: per window, the union of its shares,
+sorted and coalesced into contiguous runs (:mod:`symdiff.data.shard_reader`), and the bytes it reads fall as
+1/world_size.
+
 Because all of this is a pure function of (seed, epoch), resuming at global batch ``k`` replays exactly the same
 batches, and a run on 1 or 8 ranks consumes the same molecules per optimiser step.
 """
@@ -24,17 +29,18 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 from symdiff.data.batch import Batch, collate
+from symdiff.data.manifest import read_manifest
 from symdiff.data.molecules import MoleculeSet
-from symdiff.data.shards import read_manifest, read_offsets, read_shard, split_entry
+from symdiff.data.shard_reader import Shard, checked_runs, read_runs
+from symdiff.data.shards import split_entry
 from symdiff.errors import DataError
 
 log = logging.getLogger(__name__)
+IDS_UP_FRONT_MAX_WORLD = 8
 
 
 @dataclass
 class _Window:
-    chunks: np.ndarray  # chunk ids to read
-    carry: np.ndarray  # global molecule indices carried in from the previous window
     batches: list[np.ndarray]  # global molecule indices of each global batch
 
 
@@ -57,25 +63,26 @@ class ShardLoader:
         self.chunk_size, self.window_chunks = max(1, int(chunk_size)), max(1, int(window_chunks))
 
         self.shard_paths = [self.root / s["path"] for s in entry["shards"]]
-        sizes = []
+        self.shards: list[Shard] = []
+        # A rank of a few reads most molecules' ids anyway, and a third pread per run of about one molecule costs
+        # it ~25% of its time; a rank of many reads ~1/W of them with its runs, not 8 bytes of every molecule.
+        ids_up_front = self.world_size <= IDS_UP_FRONT_MAX_WORLD
         for p, s in zip(self.shard_paths, entry["shards"]):
-            off = read_offsets(p)
-            if len(off) - 1 != s["n_molecules"]:
-                raise DataError(f"{p}: holds {len(off) - 1} molecules, manifest says {s['n_molecules']}")
-            sizes.append(np.diff(off).astype(np.int32))
-        self.sizes = np.concatenate(sizes) if sizes else np.zeros(0, np.int32)
-        # chunk c = molecules [chunk_start[c], chunk_start[c] + chunk_len[c]) of shard chunk_shard[c]
-        starts, shard_of, local = [], [], []
-        base = 0
-        for k, sz in enumerate(sizes):
-            for a in range(0, len(sz), self.chunk_size):
-                starts.append(base + a)
-                shard_of.append(k)
-                local.append((a, min(a + self.chunk_size, len(sz))))
-            base += len(sz)
-        self.chunk_start = np.asarray(starts, dtype=np.int64)
-        self.chunk_shard = np.asarray(shard_of, dtype=np.int64)
-        self.chunk_local = np.asarray(local, dtype=np.int64).reshape(-1, 2)
+            shard = Shard(p, ids_up_front=ids_up_front)
+            if shard.n_molecules != s["n_molecules"]:
+                raise DataError(f"{p}: holds {shard.n_molecules} molecules, manifest says {s['n_molecules']}")
+            self.shards.append(shard)
+        counts = np.array([sh.n_molecules for sh in self.shards], dtype=np.int64)
+        self.shard_start = np.zeros(len(counts) + 1, dtype=np.int64)  # global index of each shard's first molecule
+        np.cumsum(counts, out=self.shard_start[1:])
+        self.sizes = (np.concatenate([np.diff(sh.offsets) for sh in self.shards]).astype(np.int32)
+                      if self.shards else np.zeros(0, np.int32))
+        # chunk c = global molecules [chunk_start[c], chunk_start[c] + chunk_len[c]), never across a shard boundary
+        per_shard = -(-counts // self.chunk_size)
+        shard_of = np.repeat(np.arange(len(counts)), per_shard)
+        local = np.arange(int(per_shard.sum())) - np.repeat(np.cumsum(per_shard) - per_shard, per_shard)
+        self.chunk_start = self.shard_start[shard_of] + local * self.chunk_size
+        self.chunk_len = np.minimum(self.chunk_size, counts[shard_of] - local * self.chunk_size)
         self.epoch = 0
         self._next_batch = 0  # global batch index inside the epoch
         self._plan_cache: tuple[int, list[_Window]] | None = None
@@ -92,22 +99,21 @@ class ShardLoader:
         carry = np.zeros(0, dtype=np.int64)
         for w0 in range(0, n_chunks, self.window_chunks):
             chunks = order[w0:w0 + self.window_chunks]
-            mols = np.concatenate([np.arange(self.chunk_start[c], self.chunk_start[c] + np.diff(self.chunk_local[c])[0])
-                                   for c in chunks])
+            lens = self.chunk_len[chunks]
+            mols = np.repeat(self.chunk_start[chunks] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
             if self.shuffle:
                 mols = mols[rng.permutation(len(mols))]
             last = w0 + self.window_chunks >= n_chunks
             if self.max_atoms > 0:
-                batches = self._token_batches(mols, rng)
-                windows.append(_Window(chunks, np.zeros(0, np.int64), batches))
+                windows.append(_Window(self._token_batches(mols, rng)))
             else:
                 stream = np.concatenate([carry, mols])
                 n_full = len(stream) // self.batch_size
-                batches = [stream[i * self.batch_size:(i + 1) * self.batch_size] for i in range(n_full)]
+                batches = list(stream[:n_full * self.batch_size].reshape(n_full, self.batch_size))
                 rest = stream[n_full * self.batch_size:]
                 if last and len(rest) and not self.drop_last:
                     batches.append(rest)
-                windows.append(_Window(chunks, carry, batches))
+                windows.append(_Window(batches))
                 carry = rest
         self._plan_cache = (epoch, windows)
         return windows
@@ -121,16 +127,15 @@ class ShardLoader:
         if self.shuffle:
             buckets = [b[rng.permutation(len(b))] for b in buckets]
         seq = np.concatenate(buckets) if buckets else by_size
-        sizes = self.sizes[seq].astype(np.int64)
+        # Greedy cut, one step per batch: a batch runs while its atoms fit the budget (at least one molecule).
+        ends = np.zeros(len(seq) + 1, dtype=np.int64)
+        np.cumsum(self.sizes[seq], out=ends[1:])
         batches: list[np.ndarray] = []
-        start, acc = 0, 0
-        for i, n in enumerate(sizes):
-            if acc + n > self.max_atoms and i > start:
-                batches.append(seq[start:i])
-                start, acc = i, 0
-            acc += n
-        if start < len(seq):
-            batches.append(seq[start:])
+        start = 0
+        while start < len(seq):
+            stop = max(start + 1, int(np.searchsorted(ends, ends[start] + self.max_atoms, side="right")) - 1)
+            batches.append(seq[start:stop])
+            start = stop
         if self.shuffle and batches:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         return batches
@@ -165,37 +170,19 @@ class ShardLoader:
         return 0.0 if not self.stats["slots"] else 1.0 - self.stats["atoms"] / self.stats["slots"]
 
     # ------------------------------------------------------------------ data
-    def _read_chunks(self, chunks: np.ndarray) -> tuple[list[MoleculeSet], list[np.ndarray]]:
-        parts, gids = [], []
-        for c in chunks:
-            a, b = self.chunk_local[c]
-            parts.append(read_shard(self.shard_paths[self.chunk_shard[c]], int(a), int(b)))
-            gids.append(np.arange(self.chunk_start[c], self.chunk_start[c] + (b - a)))
-        return parts, gids
-
-    def _load_window(self, win: _Window, prev: Optional[tuple[MoleculeSet, np.ndarray, np.ndarray]]
-                     ) -> tuple[MoleculeSet, np.ndarray, np.ndarray]:
-        parts, gids = self._read_chunks(win.chunks)
-        if len(win.carry):
-            if prev is not None and np.all(np.isin(win.carry, prev[1])):
-                parts.insert(0, prev[0].select(self._rows(prev, win.carry)))
-            else:  # resumed right at a window start: read the carried molecules' chunks again
-                cs = np.unique(np.searchsorted(self.chunk_start, win.carry, side="right") - 1)
-                p2, g2 = self._read_chunks(cs)
-                tmp = self._index(MoleculeSet.concatenate(p2), np.concatenate(g2))
-                parts.insert(0, tmp[0].select(self._rows(tmp, win.carry)))
-            gids.insert(0, win.carry)
-        return self._index(MoleculeSet.concatenate(parts), np.concatenate(gids))
-
-    @staticmethod
-    def _index(data: MoleculeSet, gids: np.ndarray) -> tuple[MoleculeSet, np.ndarray, np.ndarray]:
-        order = np.argsort(gids, kind="stable")
-        return data, gids[order], order
-
-    @staticmethod
-    def _rows(loaded: tuple[MoleculeSet, np.ndarray, np.ndarray], g: np.ndarray) -> np.ndarray:
-        _, sorted_g, order = loaded
-        return order[np.searchsorted(sorted_g, g)]
+    def _read(self, gids: np.ndarray) -> MoleculeSet:
+        """Molecules ``gids`` (sorted, unique global indices), in that order: one run per stretch of neighbours."""
+        k = np.searchsorted(self.shard_start, gids, side="right") - 1
+        cut = np.flatnonzero((np.diff(gids) != 1) | (np.diff(k) != 0)) + 1
+        first = np.concatenate([[0], cut])
+        last = np.concatenate([cut, [len(gids)]])
+        parts, shards = [], []
+        for shard in np.unique(k[first]):
+            sel = k[first] == shard
+            base = self.shard_start[shard]
+            shards.append(self.shards[shard])
+            parts.append(read_runs(shards[-1], gids[first[sel]] - base, gids[last[sel] - 1] + 1 - base))
+        return checked_runs(parts, shards)
 
     def _my_share(self, idx: np.ndarray) -> np.ndarray:
         if self.world_size == 1:
@@ -211,18 +198,18 @@ class ShardLoader:
     def __iter__(self) -> Iterator[Batch]:
         windows = self._plan(self.epoch)
         k = 0
-        prev = None
         for win in windows:
             if k + len(win.batches) <= self._next_batch:  # skip whole windows before the resume point
                 k += len(win.batches)
                 continue
-            loaded = self._load_window(win, prev)
-            for idx in win.batches:
-                if k < self._next_batch:
-                    k += 1
-                    continue
-                mine = self._my_share(idx)
-                batch = collate(loaded[0], self._rows(loaded, mine))
+            skip = max(0, self._next_batch - k)
+            k += skip
+            shares = [self._my_share(idx) for idx in win.batches[skip:]]
+            # This rank's molecules of the rest of the window, and nothing else: the only data it reads.
+            need = np.unique(np.concatenate(shares))
+            loaded = self._read(need)
+            for mine in shares:
+                batch = collate(loaded, np.searchsorted(need, mine))
                 k += 1
                 self._next_batch = k
                 self.stats["batches"] += 1
@@ -230,7 +217,6 @@ class ShardLoader:
                 self.stats["atoms"] += int(batch.n_atoms.sum())
                 self.stats["slots"] += int(batch.mask.numel())
                 yield batch
-            prev = loaded
         # The epoch is over: the next iteration starts the next epoch unless set_epoch says otherwise.
         self.epoch += 1
         self._next_batch = 0
