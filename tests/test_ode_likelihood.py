@@ -231,5 +231,6 @@ def test_symdiff_eval_nll_scores_a_three_step_run(tmp_path, process):
     assert all(math.isfinite(v) for v in r["nll_per_pass"]) and r["nll_per_pass"][0] != r["nll_per_pass"][1]
     assert {"nll", "nll_unlabelled", "log_labellings", "nll_std_over_passes", "split", "weights"} <= set(r)
     assert "rk4 2 steps" in r["likelihood"] and "rademacher" in r["likelihood"]
+    assert r["ode_evaluations_per_batch"] == 8  # RK4: four field evaluations a step
     res = _symdiff("eval", "--nll", str(run), "--dataset", "qm9", "--probes", "0")
     assert res.returncode == 1 and res.stderr.count("\n") == 1 and "probes" in res.stderr, res.stderr

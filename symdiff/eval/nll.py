@@ -47,6 +47,7 @@ def split_nll(model: Any, batches_for_pass: Any, passes: int = 1, device: str | 
     was_training = model.training
     model.eval()
     per_pass: list[float] = []
+    nfe: list[float] = []
     n_molecules = 0
     log_labellings = 0.0
     t0 = time.perf_counter()
@@ -61,7 +62,9 @@ def split_nll(model: Any, batches_for_pass: Any, passes: int = 1, device: str | 
                             break
                         batch = _head(batch, max_molecules - count) if count + len(batch) > max_molecules else batch
                     log_lab += float(torch.lgamma(batch.mask.sum(1).double() + 1).sum())
-                    v = model.nll(batch.to(device), generator=generator, **(options or {}))
+                    v, terms = model.nll(batch.to(device), generator=generator, return_terms=True, **(options or {}))
+                    if "nfe" in terms:  # an ODE likelihood: its field evaluations, the measure of its cost
+                        nfe.append(float(terms["nfe"][0]))
                     if not torch.isfinite(v).all():
                         bad = int((~torch.isfinite(v)).sum())
                         raise FloatingPointError(f"pass {p}: {bad} molecule(s) got a non-finite NLL")
@@ -77,7 +80,8 @@ def split_nll(model: Any, batches_for_pass: Any, passes: int = 1, device: str | 
     std = math.sqrt(sum((v - mean) ** 2 for v in per_pass) / (len(per_pass) - 1)) if len(per_pass) > 1 else None
     return {"nll": mean, "nll_unlabelled": mean - log_labellings, "log_labellings": log_labellings,
             "nll_per_pass": per_pass, "nll_std_over_passes": std, "passes": passes,
-            "n_molecules": n_molecules, "seconds": round(time.perf_counter() - t0, 3)}
+            "n_molecules": n_molecules, "seconds": round(time.perf_counter() - t0, 3),
+            "ode_evaluations_per_batch": sum(nfe) / len(nfe) if nfe else None}
 
 
 def run_split_nll(source: str, data_root: Optional[str] = None, split: Optional[str] = None, passes: int = 1,
