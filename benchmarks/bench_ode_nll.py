@@ -47,13 +47,13 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ode_nll_cpu.json"))
     args = ap.parse_args()
     res: dict = {"machine": machine(), "commit": git_commit(), "train_steps": args.train_steps,
-                 "molecules": args.molecules, "repeats": args.repeats, "data_root": "bundled:qm9", "split": "test",
+                 "molecules": args.molecules, "repeats": args.repeats, "data_root": "bundled:qm9 (the run config's)", "split": "test",
                  "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None, "cells": {}}
     for process in ("vpsde", "flow"):
         run = Path(args.run_root) / process
         train(process, run, args.train_steps)
         for name, ode in SETTINGS.items():
-            reps = [run_split_nll(str(run), "bundled:qm9", "test", batch_size=args.molecules, seed=r, ode=ode,
+            reps = [run_split_nll(str(run), None, "test", batch_size=args.molecules, seed=r, ode=ode,
                                   max_molecules=args.molecules) for r in range(args.repeats)]
             secs = [r["seconds"] / r["n_molecules"] for r in reps]
             res["cells"][f"{process}_{name}"] = {
