@@ -8,7 +8,7 @@ batch (each one forward pass and one vector-Jacobian product per probe), the NLL
 
 Usage:
   .venv/bin/python benchmarks/bench_ode_nll.py [--run-root runs/bench_ode_nll] [--train-steps 300]
-      [--molecules 16] [--repeats 3] [--out benchmarks/results/ode_nll_cpu.json]
+      [--molecules 8] [--repeats 3] [--out benchmarks/results/ode_nll_cpu.json]
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-SETTINGS = {"dopri5_tol1e-5": {}, "rk4_100": {"solver": "rk4", "steps": 100}}
+SETTINGS = {"dopri5_tol1e-5": {}, "rk4_20": {"solver": "rk4", "steps": 20}}
 
 
 def train(process: str, run: Path, steps: int) -> None:
@@ -42,7 +42,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-root", default=str(REPO / "runs" / "bench_ode_nll"))
     ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--molecules", type=int, default=16)
+    ap.add_argument("--molecules", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ode_nll_cpu.json"))
     args = ap.parse_args()
