@@ -47,7 +47,8 @@ def main() -> int:
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "ode_nll_cpu.json"))
     args = ap.parse_args()
     res: dict = {"machine": machine(), "commit": git_commit(), "train_steps": args.train_steps,
-                 "molecules": args.molecules, "repeats": args.repeats, "data_root": "bundled:qm9 (the run config's)", "split": "test",
+                 "molecules": args.molecules, "repeats": args.repeats,
+                 "data_root": "bundled:qm9 (the run config's)", "split": "test",
                  "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None, "cells": {}}
     for process in ("vpsde", "flow"):
         run = Path(args.run_root) / process
