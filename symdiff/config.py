@@ -228,8 +228,9 @@ PRECISIONS = ("auto", "bf16", "fp32")
 PARAMETERIZATIONS = ("eps", "score", "flow")
 # Each process's samplers, the default first (symdiff/diffusion/ implements them).
 PROCESS_SAMPLERS = {"vdm": ("ancestral", "ddim", "dpmpp2m"), "vpsde": ("em", "heun"), "flow": ("heun", "euler")}
-# The processes that define no likelihood: no validation NLL for them.
-PROCESSES_WITHOUT_NLL = ("vpsde", "flow")
+# The processes whose likelihood is an ODE's (hundreds of network calls a molecule, symdiff/diffusion/
+# ode_likelihood.py): scored after training by `symdiff eval --nll`, not as a validation NLL during it.
+PROCESSES_WITHOUT_VALIDATION_NLL = ("vpsde", "flow")
 
 # diffusion.target (symdiff/diffusion/quotient.py TARGETS) and the processes whose forward kernel is Gaussian, the
 # ones a quotient target applies to.
@@ -337,10 +338,11 @@ def _cross_checks(d: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
         out.append((("diffusion.mcmc_samples", "diffusion.mcmc_burn_in", "diffusion.mcmc_steps"),
                     f"diffusion.mcmc_burn_in {burn} and diffusion.mcmc_samples {k} do not fit in diffusion.mcmc_steps "
                     f"{steps}: need mcmc_burn_in < mcmc_steps and mcmc_samples <= mcmc_steps - mcmc_burn_in"))
-    if process in PROCESSES_WITHOUT_NLL and d["train"]["eval_every"] > 0:
+    if process in PROCESSES_WITHOUT_VALIDATION_NLL and d["train"]["eval_every"] > 0:
         out.append((("train.eval_every", "diffusion.process"),
-                    f"train.eval_every > 0 evaluates the validation NLL, which the {process} process does not define: "
-                    "set train.eval_every=0"))
+                    f"train.eval_every > 0 evaluates the validation NLL during training; the {process} process's "
+                    "likelihood is an ODE's, too costly there: set train.eval_every=0 and score the run with "
+                    "`symdiff eval --nll`"))
     return out
 
 

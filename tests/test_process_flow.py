@@ -143,8 +143,9 @@ def test_flow_steps_are_pathwise_o3_equivariant(sampler, g_kind):
 
 
 def check_samples_and_refusals(model, process: str, samplers: tuple[str, ...], foreign: str) -> None:
-    """Each sampler's molecules are centred with zero padding; another process's sampler ``foreign``, the NLL,
-    train.eval_every > 0 and sample.sampler=<foreign> are refused (shared by the processes without an NLL)."""
+    """Each sampler's molecules are centred with zero padding; another process's sampler ``foreign``, vdm's t_int
+    for the NLL (an ODE likelihood here: tests/test_ode_likelihood.py), train.eval_every > 0 (the validation NLL,
+    too costly through an ODE) and sample.sampler=<foreign> are refused (shared by vpsde and flow)."""
     for sampler in samplers:
         x, Z, mask = model.sample(torch.tensor([3, 6]), steps=4, sampler=sampler,
                                   generator=torch.Generator().manual_seed(1))
@@ -153,8 +154,8 @@ def check_samples_and_refusals(model, process: str, samplers: tuple[str, ...], f
         assert float((x * (1 - m)).abs().max()) == 0.0 and bool((Z[~mask] == 0).all())
     with pytest.raises(ValueError, match=foreign):
         model.sample(torch.tensor([3]), steps=2, sampler=foreign)
-    with pytest.raises(NotImplementedError, match=f"the {process} process defines no likelihood"):
-        model.nll(batch_of([WATER]))
+    with pytest.raises(ValueError, match=f"the {process} likelihood integrates over every t"):
+        model.nll(batch_of([WATER]), t_int=torch.tensor([3]))
     with pytest.raises(ConfigError, match="train.eval_every"):
         load_config(None, ["data.root=unused", f"diffusion.process={process}", "train.eval_every=10"])
     with pytest.raises(ConfigError, match="sample.sampler"):

@@ -366,6 +366,26 @@ def _egnn_checks() -> list[Check]:
 SIDE_BY_SIDE = "side_by_side_2026-12-01.json"
 SIDE_BY_SIDE_2 = "side_by_side_2026-12-01_run2.json"
 
+ODE_NLL = "eval_ode_nll_cpu_2026-12-01.json"
+
+
+def _ode_nll_checks(doc: str) -> list[Check]:
+    """The cost lines of the ODE likelihood (benchmarks/bench_ode_nll.py), one per process."""
+    def cell(process: str, setting: str, key: str, median: bool = False) -> Callable[[Any], float]:
+        def get(d: Any) -> float:
+            v = d["cells"][f"{process}_{setting}"][key]
+            return statistics.median(v) if median else v
+        return get
+
+    return [Check(doc, f"* `{p}` cost (", ODE_NLL, (
+        (cell(p, "dopri5_tol1e-5", "field_evaluations_per_batch", True), "dopri5 {:.0f} field evaluations"),
+        (cell(p, "dopri5_tol1e-5", "seconds_per_molecule_median"), "{:.1f} s per molecule"),
+        (cell(p, "rk4_20", "field_evaluations_per_batch", True), "{:.0f} evaluations"),
+        (cell(p, "rk4_20", "seconds_per_molecule_median"), "{:.2f} s per molecule"),
+        (cell(p, "dopri5_tol1e-5", "load_average_1min"), "load average {:.1f}"),
+        (cell(p, "rk4_20", "load_average_1min"), "and {:.1f})"))) for p in ("vpsde", "flow")]
+
+
 CHECKS: list[Check] = [
     # ------------------------------------------------------------------ README "Measured"
     Check("README.md", "| EDM metrics, full QM9 test split", "eval_qm9_test_data_row.json", (
@@ -554,6 +574,7 @@ CHECKS: list[Check] = [
     *_pd_checks("docs/model.md"),
     *_quotient_checks("docs/quotient.md"),
     *_steps_checks("docs/model.md"),
+    *_ode_nll_checks("docs/model.md"),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_symdiff_haar_120min.json", (
         (_pd(0, "atom_stability"), "{:.1f}"), (_pd(0, "mol_stability"), "{:.1f}"))),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_dit_120min.json", (

@@ -5,7 +5,9 @@ and on h (the same draw as vdm's z_T); the path is the straight line z_t = (1 - 
 target z_1 - z_0, and the model's velocity is the symmetrised denoiser output R v(R^T x_t, h_t) (x channels
 rotated back, h not). The objective is eq. 33 with lambda(t) = 1, t ~ U(0, 1). Sampling integrates dz/dt = v
 from t = 0 to 1 with Euler or Heun steps on a uniform grid; atom types are the argmax of the categorical
-channels at t = 1, as vdm reads them from z_0. There is no likelihood (no NLL) for this process here.
+channels at t = 1, as vdm reads them from z_0. The likelihood (``nll``) is that of this ODE itself, integrated
+from the data at t = 1 back to the prior with the Hutchinson divergence (symdiff/diffusion/ode_likelihood.py),
+the data dequantised by vdm's t = 0 kernel of ``diffusion.precision`` (the flow has no noise of its own).
 
 The denoiser gets t itself as its time input. The prior draw is paired with the data molecule independently
 (``diffusion.flow_align: none``) or re-paired before the path is built (:func:`align_prior`): ``hungarian``
@@ -18,13 +20,15 @@ distribution (tests/test_flow_align.py).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+import math
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from symdiff.diffusion import edm
+from symdiff.diffusion.ode_likelihood import ODELikelihood, ODEOptions
 from symdiff.diffusion.process import Process
 from symdiff.diffusion.vdm import Features
 
@@ -64,7 +68,7 @@ def align_prior(z0: torch.Tensor, z1: torch.Tensor, mask: torch.Tensor, align: s
     return out
 
 
-class Flow(Process):
+class Flow(ODELikelihood, Process):
     """The flow process. ``timesteps`` is only the largest step count a sampler takes (sample.steps <= it)."""
 
     name = "flow"
@@ -72,13 +76,15 @@ class Flow(Process):
     default_sampler = "heun"
 
     def __init__(self, d: int, num_classes: int, norm_x: float, norm_cat: float, norm_int: float,
-                 timesteps: int = 1000, backend: str = "auto", align: str = "none", **_: Any) -> None:
+                 timesteps: int = 1000, backend: str = "auto", align: str = "none", precision: float = 1e-5,
+                 **_: Any) -> None:
         super().__init__()
         if align not in ALIGNS:
             raise ValueError(f"flow align '{align}' is not one of {', '.join(ALIGNS)}")
         self.align = align
         self.d, self.num_classes = int(d), int(num_classes)
-        self.norm_x = float(norm_x)
+        self.norm_x, self.norm_cat, self.norm_int = float(norm_x), float(norm_cat), float(norm_int)
+        self.precision = float(precision)
         self.timesteps = int(timesteps)
         self.backend = backend
 
@@ -130,6 +136,22 @@ class Flow(Process):
         pred = self._finish(z + (s - t) * v1, mask)
         v2 = denoise(pred, mask, self._t(s, z), R0=R0_2, eta=eta_2, generator=generator)
         return self._finish(z + (s - t) * 0.5 * (v1 + v2), mask)
+
+    # ------------------------------------------------------------------ likelihood
+    @staticmethod
+    def likelihood_times(ode: ODEOptions) -> torch.Tensor:
+        """Data (t = 1) to prior (t = 0): the two ends for dopri5, the sampler's uniform grid for rk4."""
+        if ode.solver == "dopri5":
+            return torch.tensor([1.0, 0.0], dtype=torch.float64)
+        return torch.linspace(1.0, 0.0, int(ode.steps) + 1, dtype=torch.float64)
+
+    def likelihood_field(self, denoise: "DenoiseFn", mask: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """The flow's own field dz/dt = v(z, t) at gamma's fixed draw."""
+        return lambda z, t, R0, eta, gen: denoise(z, mask, self._t(float(t), z), R0=R0, eta=eta, generator=gen)
+
+    def dequantisation(self) -> tuple[float, float]:
+        """vdm's t = 0 kernel of diffusion.precision s (the flow has no noise of its own): sqrt(1 - s), sqrt(s)."""
+        return math.sqrt(1.0 - self.precision), math.sqrt(self.precision)
 
     def decode(self, denoise: "DenoiseFn", z1: torch.Tensor, mask: torch.Tensor, **_: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:

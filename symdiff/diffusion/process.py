@@ -46,7 +46,8 @@ class Process(nn.Module):
         return stats
 
     def nll(self, *args: Any, **kwargs: Any) -> Any:
-        """The processes that define a likelihood (vdm) override this; the others refuse with one message."""
+        """Each process with a likelihood overrides this (vdm: the variational bound; vpsde and flow: the ODE's);
+        one without refuses with one message."""
         raise NotImplementedError(f"the {self.name} process defines no likelihood here (no NLL); use "
                                   "diffusion.process=vdm for test NLLs")
 

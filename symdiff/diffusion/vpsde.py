@@ -16,15 +16,20 @@ and the objective is eq. 26 with lambda(t) = sigma_t^2: |eps_hat - eps|^2, t ~ U
 is left out as the open interval (0, 1] says; sigma_0 = sqrt(s) > 0 keeps the score finite down to 0).
 Samplers integrate from t = 1 to t = 0 on a uniform grid: Euler-Maruyama of the reverse SDE (``em``) and the
 probability-flow ODE with Heun's method (``heun``). Decoding is vdm's: positions the denoised x-hat_0 (no extra
-noise), types the argmax of the categorical channels of z_0. There is no likelihood here (no NLL).
+noise), types the argmax of the categorical channels of z_0.
+
+The likelihood (``nll``) is that of the probability-flow ODE, integrated from the data at t = 0 to the prior at
+t = 1 with the Hutchinson divergence (symdiff/diffusion/ode_likelihood.py); its fixed-step grid is uniform in
+gamma, because beta(t) peaks (~600) in the last few thousandths of t, where a uniform t grid would step over it.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from symdiff.diffusion import edm
+from symdiff.diffusion.ode_likelihood import ODELikelihood, ODEOptions
 from symdiff.diffusion.process import Process
 from symdiff.diffusion.quotient import training_target
 from symdiff.diffusion.vdm import Features
@@ -36,7 +41,7 @@ SAMPLERS = ("em", "heun")
 T_MIN = 1e-5
 
 
-class VPSDE(Process):
+class VPSDE(ODELikelihood, Process):
     """The vpsde process. ``timesteps`` is only the largest step count a sampler takes (sample.steps <= it)."""
 
     name = "vpsde"
@@ -54,7 +59,7 @@ class VPSDE(Process):
         self.power = float(schedule.split("_", 1)[1])
         self.precision = float(precision)
         self.d, self.num_classes = int(d), int(num_classes)
-        self.norm_x = float(norm_x)
+        self.norm_x, self.norm_cat, self.norm_int = float(norm_x), float(norm_cat), float(norm_int)
         self.timesteps = int(timesteps)
         self.backend = backend
 
@@ -150,6 +155,27 @@ class VPSDE(Process):
         pred = self._finish(z + h * v1, mask)
         v2, _ = self._ode_field(denoise, pred, mask, s, R0_2, eta_2, generator)
         return self._finish(z + h * 0.5 * (v1 + v2), mask)
+
+    # ------------------------------------------------------------------ likelihood
+    def likelihood_times(self, ode: ODEOptions) -> torch.Tensor:
+        """The times the ODE likelihood integrates over, data (t = 0) to prior (t = 1): the two ends for dopri5,
+        for rk4 a grid uniform in gamma (where the field is smooth; beta(t) is not) mapped back to t."""
+        if ode.solver == "dopri5":
+            return torch.tensor([0.0, 1.0], dtype=torch.float64)
+        g = torch.linspace(float(self.gamma(0.0)), float(self.gamma(1.0)), int(ode.steps) + 1, dtype=torch.float64)
+        # alpha^2 = sigmoid(-gamma) = (1 - 2 s)(1 - t^p)^2 + s, solved for t.
+        inner = ((torch.sigmoid(-g) - self.precision) / (1.0 - 2.0 * self.precision)).clamp(0.0, 1.0)
+        t = (1.0 - torch.sqrt(inner)).clamp(0.0, 1.0) ** (1.0 / self.power)
+        t[0], t[-1] = 0.0, 1.0
+        return t
+
+    def likelihood_field(self, denoise: "DenoiseFn", mask: torch.Tensor) -> Callable[..., torch.Tensor]:
+        """The probability-flow field dz/dt = -beta/2 (z - eps_hat / sigma) at gamma's fixed draw."""
+        return lambda z, t, R0, eta, gen: self._ode_field(denoise, z, mask, float(t), R0, eta, gen)[0]
+
+    def dequantisation(self) -> tuple[float, float]:
+        """The t = 0 kernel, which is vdm's: alpha_0^2 = 1 - s, sigma_0^2 = s."""
+        return float(self.alpha(0.0)), float(self.sigma(0.0))
 
     def decode(self, denoise: "DenoiseFn", z0: torch.Tensor, mask: torch.Tensor, R: Optional[torch.Tensor] = None,
                R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None, **_: Any

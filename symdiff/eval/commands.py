@@ -24,7 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--reference-split", metavar="NAME", help="evaluate the dataset's own molecules instead "
                      "(QM9: train/valid/test; GEOM without --data-root: sample)")
     src.add_argument("--nll", metavar="RUN_OR_CKPT", help="test NLL of a trained model (run dir, checkpoint dir "
-                     "or exported .pt) on a shard split: the paper's Jensen bound, mean over --passes")
+                     "or exported .pt) on a shard split, mean over --passes: the paper's Jensen bound (vdm) or the "
+                     "bound through the process's ODE (vpsde, flow)")
     p.add_argument("--dataset", required=True, choices=["qm9", "geom"], help="selects bond rules and alphabet")
     p.add_argument("--protocol", choices=["edm", "revised"], default="edm",
                    help="primary protocol (top-level JSON keys); GEOM always reports both side by side")
@@ -41,6 +42,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="--nll: molecules per batch (default: the config's)")
     p.add_argument("--device", default="cpu", help=f"--nll: torch device, {DEVICE_HELP}")
     p.add_argument("--seed", type=int, default=0, help="--nll: seed of torch's RNG")
+    p.add_argument("--max-molecules", type=int, help="--nll: only the first N molecules of the split")
+    p.add_argument("--ode-solver", choices=["dopri5", "rk4"], help="--nll of vpsde/flow: adaptive Dormand-Prince "
+                   "(default) or fixed-step RK4")
+    p.add_argument("--ode-tol", type=float, help="--nll of vpsde/flow, dopri5: its rtol = atol (default 1e-5)")
+    p.add_argument("--ode-steps", type=int, help="--nll of vpsde/flow, rk4: steps (default 100)")
+    p.add_argument("--probes", type=int, help="--nll of vpsde/flow: Hutchinson probes per molecule (default 1)")
+    p.add_argument("--probe", choices=["rademacher", "gaussian"], help="--nll of vpsde/flow: the Hutchinson probe "
+                   "(default rademacher)")
     p.add_argument("--trust-pickle", action="store_true", help="--nll: load a checkpoint that needs Python objects "
                    "beyond tensors (that can run code: only for files you trust)")
     p.add_argument("--valency-table", metavar="JSON", help="revised protocol: a valency table other than the "
@@ -159,16 +168,21 @@ def _run_nll(args: argparse.Namespace) -> int:
         raise UserError(f"--passes {args.passes}: must be at least 1")
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.max_molecules is not None and args.max_molecules < 1:
+        raise UserError(f"--max-molecules {args.max_molecules}: must be at least 1")
+    ode = {key: value for key, value in (("solver", args.ode_solver), ("rtol", args.ode_tol), ("atol", args.ode_tol),
+                                         ("steps", args.ode_steps), ("n_probes", args.probes), ("probe", args.probe))
+           if value is not None}
     device = resolve_device(args.device)
     if not Path(args.nll).exists():
         raise UserError(f"--nll {args.nll}: no such file or directory")
     res = run_split_nll(args.nll, args.data_root, args.split, args.passes, args.batch_size, str(device),
-                        seed=args.seed, trust_pickle=args.trust_pickle)
+                        seed=args.seed, trust_pickle=args.trust_pickle, ode=ode, max_molecules=args.max_molecules)
     out = {"protocol": "nll", "dataset": args.dataset, **res}
     spread = "" if res["nll_std_over_passes"] is None else f" (std over passes {res['nll_std_over_passes']:.3f})"
     print(f"symdiff eval: NLL of {args.nll} on split '{res['split']}' of {res['data_root']}: "
           f"{res['nll']:.3f} nats per molecule{spread}, {res['n_molecules']} molecules, {res['passes']} pass(es), "
-          f"{res['weights']} weights, {res['seconds']:.1f} s")
+          f"{res['weights']} weights, {res['seconds']:.1f} s; {res['likelihood']}")
     print(f"symdiff eval: unlabelled (atoms up to order: minus the mean log N! = {res['log_labellings']:.3f}): "
           f"{res['nll_unlabelled']:.3f} nats per molecule")
     if args.json:

@@ -285,16 +285,23 @@ class SymDiffModel(nn.Module):
 
     # ------------------------------------------------------------------ likelihood
     def nll(self, batch: Any, t_int: Optional[torch.Tensor] = None, return_terms: bool = False,
-            generator: Optional[torch.Generator] = None) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-molecule test NLL in nats: the paper's Jensen bound (SPEC §2.4), one gamma draw per term.
+            generator: Optional[torch.Generator] = None, **options: Any
+            ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-molecule test NLL in nats: vdm's is the paper's Jensen bound (SPEC §2.4), one gamma draw per term;
+        vpsde's and flow's are through their ODE (docs/model.md, "Likelihoods by process").
 
-        ``t_int`` ([B] in 1..T) fixes the diffusion term's time (for variance-reduced checks); by default it is
-        drawn uniformly. With ``return_terms`` also returns the components. Randomness from ``generator`` when
-        given, else torch's global RNG.
+        ``t_int`` ([B] in 1..T) fixes vdm's diffusion term's time (for variance-reduced checks); by default it is
+        drawn uniformly. ``options`` go to the process's ``nll`` (vpsde, flow: ``ode=ODEOptions(...)`` and fixed
+        ``R0``, ``eta``, ``noise``, ``probes``). With ``return_terms`` also returns the components. Randomness from
+        ``generator`` when given, else torch's global RNG.
         """
+        if not isinstance(self.process, VDM) and self.net_dtype not in (torch.float32, torch.float64):
+            # The divergence is a derivative of the network: bf16 rounding would be differentiated with it.
+            raise ValueError(f"the {self.process.name} ODE likelihood needs float32 or float64 weights, not "
+                             f"{self.net_dtype} (model.float())")
         f = self.features(batch)
         total, terms = self.process.nll(self.denoise, f, self.log_p_n_atoms(f.mask.sum(1)), t_int=t_int,
-                                        generator=generator)
+                                        generator=generator, **options)
         return (total, terms) if return_terms else total
 
     # ------------------------------------------------------------------ sampling
