@@ -19,7 +19,8 @@ from symdiff.data.geom_scale import make_geom_scale, read_smiles
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smiles", type=Path, nargs="+", default=None,
-                   help="SMILES lists (.txt or .txt.gz); default: the three MiDi split lists in ../shared/data/geom_drugs")
+                   help="SMILES lists (.txt or .txt.gz); default: the three MiDi split lists in "
+                        "../shared/data/geom_drugs")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--n-molecules", type=int, default=None, help="only the first N SMILES (of the seeded order)")
     p.add_argument("--max-bytes", type=float, default=None, help="stop after the object that reaches this size")

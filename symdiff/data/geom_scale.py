@@ -110,10 +110,9 @@ def pack_object(args: tuple[int, list[str], int, int, float, float, int]) -> tup
         d = rng.normal(0.0, jitter, (c, len(z), 3))
         # A harmonic penalty on the displacement: the least-jittered copies are the "lowest-energy conformers".
         energies = -0.5 * float(z.astype(np.float64).sum()) + 0.5 * (d ** 2).sum(axis=(1, 2))
-        info_head = (packer.pack(smiles) + packer.pack_map_header(6)
-                     + packer.pack("synthetic") + packer.pack(True) + packer.pack("synthetic_method") + packer.pack(METHOD)
-                     + packer.pack("charge") + packer.pack(charge) + packer.pack("totalconfs") + packer.pack(c)
-                     + packer.pack("uniqueconfs") + packer.pack(c) + packer.pack("conformers"))
+        info = {"synthetic": True, "synthetic_method": METHOD, "charge": charge, "totalconfs": c, "uniqueconfs": c}
+        info_head = (packer.pack(smiles) + packer.pack_map_header(len(info) + 1)
+                     + b"".join(packer.pack(k) + packer.pack(v) for k, v in info.items()) + packer.pack("conformers"))
         body.append(info_head + pack_conformers(packer, z, x[None] + d, energies))
         n_mols += 1
         n_confs += c
