@@ -107,3 +107,49 @@ def test_mpi_manifest_is_synthetic_when_only_another_rank_read_synthetic_molecul
     man = read_manifest(tmp_path / "mpi")
     assert man["synthetic"] is True and man["build"]["ranks"] == 2 and len(man["build"]["rank_peak_rss_mb"]) == 2
     assert "SYNTHETIC" in r.stdout
+
+
+class _OneRankOfTwo:
+    """The communicator as rank 1 of 2 sees it: rank 0's broadcast of the object index arrives."""
+
+    def __init__(self, bounds: list[int]) -> None:
+        self.bounds = bounds
+
+    def Ibarrier(self):  # noqa: N802 (mpi4py's name)
+        return type("Done", (), {"Test": lambda self: True})()
+
+    def bcast(self, obj, root=0):
+        return self.bounds, None
+
+
+def test_with_the_object_index_a_rank_reads_only_its_own_objects(tmp_path: Path) -> None:
+    src = tmp_path / "drugs_crude.msgpack"
+    _make(src)
+    reader = geom.open_geom_source(src, shard_size=100, trust_pickle=False, split_smiles="none", split_seed=0,
+                                   permutation=None, conformers=30)
+    bounds = reader.object_bounds()
+    assert len(bounds) == 4 and bounds[-1] == src.stat().st_size
+    data = bytearray(src.read_bytes())  # objects 0 and 2 belong to rank 0: garble them in place
+    for i in (0, 2):
+        data[bounds[i]:bounds[i + 1]] = b"\xc1" * (bounds[i + 1] - bounds[i])
+    src.write_bytes(bytes(data))
+    reader.comm = _OneRankOfTwo(bounds)
+    parts = list(reader.iter_parts(1, 2))
+    assert [k for k, _ in parts] == [1] and sum(len(m) for m in parts[0][1].values()) > 0
+    reader.comm = None  # skipping them instead means reading (and choking on) rank 0's bytes
+    with pytest.raises(geom.DataError, match="object 0"):
+        list(reader.iter_parts(1, 2))
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) not installed")
+def test_mpi_build_of_a_truncated_file_is_one_line_on_every_rank(tmp_path: Path) -> None:
+    src = tmp_path / "drugs_crude.msgpack"
+    _make(src)
+    src.write_bytes(src.read_bytes()[:-100])
+    env = dict(os.environ, OMPI_MCA_rmaps_base_oversubscribe="1", OMP_NUM_THREADS="1")
+    r = subprocess.run(["mpirun", "--allow-run-as-root", "-n", "2", sys.executable, "-m", "symdiff.cli", "data",
+                        "build", "--dataset", "geom", "--source", str(src), "--out", str(tmp_path / "mpi"),
+                        "--split-smiles", "none", "--mpi"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert f"{src}: truncated: the file ends inside msgpack object 2" in r.stderr
+    assert not (tmp_path / "mpi").exists()

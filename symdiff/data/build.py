@@ -81,6 +81,8 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
     error: Optional[str] = None
     try:
         src = open_source(dataset, Path(source), shard_size=shard_size, **source_kw)
+        if hasattr(src, "comm"):  # a source that can share work between ranks (the GEOM msgpack's object index)
+            src.comm = comm
         for key, by_split in src.iter_parts(rank, world):
             for split, mols in by_split.items():
                 where = f"{source} ({split})"

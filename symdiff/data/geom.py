@@ -17,8 +17,9 @@ import hashlib
 import logging
 import os
 import pickle
+import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import msgpack
 import numpy as np
@@ -155,12 +156,17 @@ class _GeomSource:
 class GeomMsgpack(_GeomSource):
     """``drugs_crude.msgpack``: a stream of dicts {SMILES: info}; ``info['conformers']`` is a list of dicts with
     ``'xyz'`` ([[Z, x, y, z], ...]) and ``'totalenergy'``. Read object by object; rank r parses objects
-    ``i % world == r`` and skips the others without building them."""
+    ``i % world == r``. Under the MPI build (``comm`` set) rank 0 finds the objects' byte ranges once and every rank
+    reads only its own objects; without it each rank skips the others' objects itself."""
 
     fmt = "geom-msgpack"
     has_formal_charges = False
+    comm = None  # the MPI build's communicator
 
     def _parts(self, rank: int, world: int) -> Iterator[tuple[int, dict[str, MoleculeSet]]]:
+        if world > 1 and self.comm is not None:
+            yield from self._indexed_parts(rank, world)
+            return
         with open(self.path, "rb") as f:
             unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=2 ** 31 - 1)
             i, done = 0, 0  # done: bytes of the complete objects read so far
@@ -171,22 +177,72 @@ class GeomMsgpack(_GeomSource):
                         unpacker.skip()
                         i, done = i + 1, unpacker.tell()
                         continue
-                    obj = _unpack_without_gc(unpacker)
+                    obj = _without_gc(unpacker.unpack)
                     done = unpacker.tell()
                 except msgpack.OutOfData:
                     if done < size:  # OutOfData also ends a file cut inside an object: not a clean end
-                        raise DataError(f"{self.path}: truncated: the file ends inside msgpack object {i} "
-                                        f"(byte {done} of {size})") from None
+                        raise self._truncated(i, done, size) from None
                     return
                 except (msgpack.UnpackException, ValueError, TypeError) as exc:
                     raise DataError(f"{self.path}: msgpack object {i}: cannot decode: {exc}") from exc
-                if not isinstance(obj, dict):
-                    raise DataError(f"{self.path}: msgpack object {i} is a {type(obj).__name__}, expected a dict "
-                                    "SMILES -> molecule info (the drugs_crude.msgpack schema)")
-                sets = self._read_object(i, obj).sets()
+                sets = self._object_sets(i, obj)
                 del obj  # the decoded object is the biggest thing alive: not kept while its shards are written
                 yield i, sets
                 i += 1
+
+    def object_bounds(self) -> list[int]:
+        """Byte offsets where the objects start, and the file size at the end (one pass that builds nothing)."""
+        bounds = [0]
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=2 ** 31 - 1)
+            while True:
+                try:
+                    unpacker.skip()
+                except msgpack.OutOfData:
+                    if bounds[-1] < size:
+                        raise self._truncated(len(bounds) - 1, bounds[-1], size) from None
+                    return bounds
+                except (msgpack.UnpackException, ValueError, TypeError) as exc:
+                    raise DataError(f"{self.path}: msgpack object {len(bounds) - 1}: cannot decode: {exc}") from exc
+                bounds.append(unpacker.tell())
+
+    def _indexed_parts(self, rank: int, world: int) -> Iterator[tuple[int, dict[str, MoleculeSet]]]:
+        # Skipping the others' objects costs every rank a pass over the whole file (K x the file at K ranks, and
+        # as long as parsing its share at K >= 8); one pass on rank 0 and a broadcast make it once.
+        bounds, err = None, None
+        if rank == 0:
+            try:
+                bounds = self.object_bounds()
+            except DataError as exc:
+                err = str(exc)
+        req = self.comm.Ibarrier()
+        while not req.Test():  # a sleeping wait: Open MPI's blocking bcast would spin on the core rank 0 scans with
+            time.sleep(0.005)
+        bounds, err = self.comm.bcast((bounds, err), root=0)
+        if err:
+            raise DataError(err)
+        with open(self.path, "rb") as f:
+            for i in range(rank, len(bounds) - 1, world):
+                f.seek(bounds[i])
+                data = f.read(bounds[i + 1] - bounds[i])
+                try:
+                    obj = _without_gc(lambda: msgpack.unpackb(data, raw=False, strict_map_key=False))
+                except (msgpack.UnpackException, ValueError, TypeError) as exc:
+                    raise DataError(f"{self.path}: msgpack object {i}: cannot decode: {exc}") from exc
+                del data
+                sets = self._object_sets(i, obj)
+                del obj
+                yield i, sets
+
+    def _truncated(self, i: int, done: int, size: int) -> DataError:
+        return DataError(f"{self.path}: truncated: the file ends inside msgpack object {i} (byte {done} of {size})")
+
+    def _object_sets(self, i: int, obj: Any) -> dict[str, MoleculeSet]:
+        if not isinstance(obj, dict):
+            raise DataError(f"{self.path}: msgpack object {i} is a {type(obj).__name__}, expected a dict "
+                            "SMILES -> molecule info (the drugs_crude.msgpack schema)")
+        return self._read_object(i, obj).sets()
 
     def _read_object(self, i: int, obj: dict) -> _Collector:
         col = _Collector(i)
@@ -244,13 +300,13 @@ def _conformer_block(confs: list, keep: np.ndarray) -> Optional[tuple[np.ndarray
     return z.astype(np.int8), xyz[:, :, 1:].astype(np.float32)
 
 
-def _unpack_without_gc(unpacker: msgpack.Unpacker) -> Any:
-    """One msgpack object with the cyclic GC off: unpacking builds millions of lists (no cycles), and every GC pass
-    over them rescans all of them, which made unpacking a 33 MB object 3x slower."""
+def _without_gc(unpack: Callable[[], Any]) -> Any:
+    """``unpack()`` with the cyclic GC off: unpacking builds millions of lists (no cycles), and every GC pass over
+    them rescans all of them, which made unpacking a 33 MB object 3x slower."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return unpacker.unpack()
+        return unpack()
     finally:
         if enabled:
             gc.enable()
