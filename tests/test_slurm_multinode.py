@@ -1,17 +1,24 @@
 """The rendered 8-node x 8-GPU training job, run by bash against a stand-in srun/scontrol that play SLURM's part:
 one task per GPU (64), each finding its rank, local rank, world size and the rendezvous from SLURM's variables
-through the trainer's own `discover`, and the requeue after a preemption. No SLURM daemons are needed; the real
-one-node cluster runs in test_slurm_jobs.py."""
+through the trainer's own `discover`, and the requeue after a preemption (no SLURM daemons needed). Then a real
+2-"node" job: two slurmd on this host, one task on each, meeting in one torch.distributed group."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
+from typing import Iterator
+
+import pytest
+from slurm_cluster import SlurmCluster, cluster_fixture
 
 from symdiff.cluster.render import SubmitOptions, render
 from symdiff.config import load_config
 from symdiff.train.launch import EXIT_REQUEUE, discover
 
+REPO = Path(__file__).resolve().parents[1]
 NODES, GPUS = 8, 8
 HOSTS = [f"gpu{n:02d}" for n in range(1, NODES + 1)]
 
@@ -103,3 +110,67 @@ def test_preempted_eight_node_job_requeues_itself_once(tmp_path: Path) -> None:
     assert len(tasks) == NODES * GPUS
     assert scontrol.splitlines() == ["requeue 123456"]
     assert "requeueing job 123456" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------- a real 2-node job
+# Two slurmd on this host (SLURM's multiple-slurmd mode), named so that both names resolve here: the rendered
+# train script runs one task per node, and the tasks rendezvous over torch.distributed (gloo) as on two machines.
+TWO_NODES = ["node1", "node2"]  # not the hostname, nor localhost: slurmctld refuses those for a second slurmd
+RENDEZVOUS_TRAIN = """#!{python}
+import json, os, subprocess, sys
+sys.path.insert(0, {repo!r})
+import torch
+import torch.distributed as dist
+from symdiff.train.launch import discover
+# Name resolution is the one thing this host cannot play: the node names are SLURM's alone, so ask SLURM for the
+# rendezvous node's address as a cluster's DNS would answer.
+master = os.environ["MASTER_ADDR"]
+info = subprocess.run(["scontrol", "-o", "show", "node", master], capture_output=True, text=True).stdout
+addr = next(t.split("=", 1)[1] for t in info.split() if t.startswith("NodeAddr="))
+env = dict(os.environ, MASTER_ADDR=addr)
+d = discover(env)
+dist.init_process_group("gloo", init_method=f"tcp://{{addr}}:{{env['MASTER_PORT']}}", rank=d.rank,
+                        world_size=d.world_size)
+total = torch.tensor([float(d.rank + 1)])
+dist.all_reduce(total)
+out = {{"rank": d.rank, "world": d.world_size, "local": d.local_rank, "node": os.environ["SLURM_NODEID"],
+        "host": os.environ["SLURMD_NODENAME"], "addr": master, "sum": total.item()}}
+with open(os.path.join(os.environ["TASK_DIR"], f"task-{{d.rank}}.json"), "w") as f:
+    json.dump(out, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.fixture(scope="module")
+def slurm2() -> Iterator[SlurmCluster]:
+    yield from cluster_fixture(nodes=TWO_NODES)
+
+
+def test_two_node_job_through_real_slurm_rendezvous_across_nodes(slurm2: SlurmCluster, tmp_path: Path) -> None:
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("name: twonode\ndata:\n  root: shards/qm9\n")
+    venv_bin = tmp_path / "venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    _tool(venv_bin / "symdiff", RENDEZVOUS_TRAIN.format(python=sys.executable, repo=str(REPO)))
+    r = render(SubmitOptions(job="train", nodes=2, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1,
+                             time="00:05:00", signal_seconds=0), load_config(cfg), tmp_path / "run",
+               workdir=tmp_path, venv=tmp_path / "venv")
+    (tmp_path / "run" / "slurm").mkdir(parents=True)
+    script = tmp_path / "job.sbatch"
+    script.write_text(r.script)
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    env = slurm2.env()
+    env["TASK_DIR"] = str(tasks_dir)
+    res = subprocess.run(["sbatch", "--parsable", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    info = slurm2.wait_job(job, timeout=240)
+    log = "\n".join(p.read_text(errors="replace") for p in (tmp_path / "run" / "slurm").glob("*.out"))
+    assert info["JobState"] == "COMPLETED", log
+    tasks = sorted((json.loads(p.read_text()) for p in tasks_dir.glob("task-*.json")), key=lambda t: t["rank"])
+    assert [t["rank"] for t in tasks] == [0, 1] and {t["world"] for t in tasks} == {2}
+    assert [t["host"] for t in tasks] == TWO_NODES and [t["node"] for t in tasks] == ["0", "1"]
+    assert {t["local"] for t in tasks} == {0}  # one task per node
+    assert {t["addr"] for t in tasks} == {TWO_NODES[0]}  # the first node of the allocation
+    assert {t["sum"] for t in tasks} == {3.0}  # both ranks took part in one all_reduce
