@@ -38,6 +38,7 @@ def build_once(source: Path, out: Path, ranks: int) -> dict:
     if ranks > 1:
         cmd = ["mpirun", "--allow-run-as-root", "-n", str(ranks), *cmd, "--mpi"]
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    commit = git_commit()  # before: the checkout may move on while a long build runs
     load0, t0 = os.getloadavg(), time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -50,7 +51,7 @@ def build_once(source: Path, out: Path, ranks: int) -> dict:
             "atoms": sum(s["n_atoms"] for s in man["splits"].values()), "synthetic": man.get("synthetic"),
             "rank_peak_rss_mb": b.get("rank_peak_rss_mb"), "rank_cpu_s": b["rank_cpu_seconds"],
             "load_before": [round(v, 2) for v in load0], "load_after": [round(v, 2) for v in os.getloadavg()],
-            "commit": git_commit(), "date_utc": machine()["date_utc"]}
+            "commit": commit, "date_utc": machine()["date_utc"]}
 
 
 def cmd_run(a: argparse.Namespace) -> None:
@@ -97,13 +98,27 @@ def cmd_report(a: argparse.Namespace) -> None:
     if len(same_ranks) > 1:
         lo, hi = min(same_ranks, key=lambda c: c["source_gb"]), max(same_ranks, key=lambda c: c["source_gb"])
         res["rss_full_over_small"] = round(hi["peak_rss_mb_per_rank_max"] / lo["peak_rss_mb_per_rank_max"], 3)
-    # Projection: every rank parses 1/K of the conformers at the measured per-core rate, plus the fixed cost that
-    # does not shrink with K (start-up, and the object index rank 0 scans: see docs/data.md).
-    rate = full["conformers_per_cpu_s_per_rank"]
-    fixed = a.fixed_seconds
-    res["projection"] = {"conformers": full["conformers"], "rate_conformers_per_s_per_rank": rate,
-                         "fixed_s": fixed, "method": a.projection_note,
-                         "wall_s": {str(k): round(fixed + full["conformers"] / (k * rate), 1) for k in PROJECT_K}}
+    # Projection: every rank parses 1/K of the conformers at the measured per-core rate, after the costs that do
+    # not shrink with K: process start-up (a build of a 10-molecule file) and rank 0's pass over the file that finds
+    # the objects' byte ranges (timed here on the full file).
+    tiny = [build_once(a.startup_source, a.startup_source.parent / f"startup-{k}", 1) for k in range(3)]
+    for k in range(3):
+        shutil.rmtree(a.startup_source.parent / f"startup-{k}", ignore_errors=True)
+    startup = statistics.median(r["wall_s"] for r in tiny)
+    from symdiff.data.geom import open_geom_source
+    t0 = time.perf_counter()
+    n_obj = len(open_geom_source(Path(full["source"]), shard_size=1, trust_pickle=False, split_smiles="none",
+                                 split_seed=0, permutation=None, conformers=30).object_bounds()) - 1
+    scan = round(time.perf_counter() - t0, 1)
+    mpi = [c for c in cases if c["source"] == full["source"] and c["ranks"] > 1]
+    rate = (mpi or [full])[0]["conformers_per_cpu_s_per_rank"]
+    res["projection"] = {
+        "conformers": full["conformers"], "rate_conformers_per_s_per_rank": rate, "startup_s": startup,
+        "index_scan_s": scan, "objects": n_obj,
+        "method": "startup_s + index_scan_s + conformers / (K * rate); rate = conformers per CPU-second per rank of "
+                  "the 2-rank full-size build; K <= objects (one msgpack object is the unit of work)",
+        "wall_s": {str(k): round(startup + scan + full["conformers"] / (min(k, n_obj) * rate), 1)
+                   for k in PROJECT_K}}
     res["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "build_geom_scale.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -123,8 +138,7 @@ def main() -> None:
     s = sub.add_parser("report", help="medians of the logged runs -> benchmarks/results/build_geom_scale.json")
     s.add_argument("--log", type=Path, default=Path("/work/scale/logs/build_runs.jsonl"))
     s.add_argument("--generation", nargs="*", default=[], help="NAME=stats.json of tools/make_geom_scale.py")
-    s.add_argument("--fixed-seconds", type=float, default=0.0)
-    s.add_argument("--projection-note", default="")
+    s.add_argument("--startup-source", type=Path, required=True, help="a tiny msgpack: the per-run fixed cost")
     a = p.parse_args()
     cmd_run(a) if a.cmd == "run" else cmd_report(a)
 
