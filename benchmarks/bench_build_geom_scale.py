@@ -92,6 +92,8 @@ def cmd_report(a: argparse.Namespace) -> None:
             "conformers_per_cpu_s_per_rank": round(n / cpu),
             "load_before": [r["load_before"] for r in rs], "commit": sorted({r["commit"] for r in rs})})
     res = {"machine": machine(), "commit": git_commit(), "generation": gen, "cases": cases}
+    if a.shared_build:  # the build other benchmarks read, recorded as it ran (possibly by an earlier commit)
+        res["shared_build"] = [json.loads(line) for line in a.shared_build.read_text().splitlines() if line.strip()]
     full = max(cases, key=lambda c: (c["source_gb"], -c["ranks"]))
     small = min(cases, key=lambda c: (c["source_gb"], c["ranks"]))
     same_ranks = [c for c in cases if c["ranks"] == small["ranks"]]
@@ -138,6 +140,7 @@ def main() -> None:
     s = sub.add_parser("report", help="medians of the logged runs -> benchmarks/results/build_geom_scale.json")
     s.add_argument("--log", type=Path, default=Path("/work/scale/logs/build_runs.jsonl"))
     s.add_argument("--generation", nargs="*", default=[], help="NAME=stats.json of tools/make_geom_scale.py")
+    s.add_argument("--shared-build", type=Path, default=None, help="JSONL of the kept build, reported apart")
     s.add_argument("--startup-source", type=Path, required=True, help="a tiny msgpack: the per-run fixed cost")
     a = p.parse_args()
     cmd_run(a) if a.cmd == "run" else cmd_report(a)
