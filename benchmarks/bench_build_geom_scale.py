@@ -135,7 +135,8 @@ def cmd_report(a: argparse.Namespace) -> None:
     rate = (mpi or [full])[0]["conformers_per_cpu_s_per_rank"]
     full = biggest
     res["projection"] = {
-        "source": biggest["source"], "conformers": full["conformers"], "rate_conformers_per_s_per_rank": rate, "startup_cpu_s": round(startup, 2),
+        "source": biggest["source"], "conformers": full["conformers"], "rate_conformers_per_s_per_rank": rate,
+        "startup_cpu_s": round(startup, 2),
         "index_scan": {"source": str(a.scan_source), "objects": n_scan, "wall_s": round(scan_wall, 1),
                        "cpu_s": round(scan_cpu, 1), "cpu_s_scaled_to_full": round(scan_full, 1)},
         "objects_full": n_obj,
