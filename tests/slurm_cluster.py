@@ -57,12 +57,17 @@ def _bin(name: str) -> str:
 
 
 class SlurmCluster:
-    """One node named after this host, partition ``debug``, all CPUs; jobs run as the current user."""
+    """One node named after this host, partition ``debug``, all CPUs; jobs run as the current user.
 
-    def __init__(self, root: Path, cpus: Optional[int] = None) -> None:
+    With ``nodes`` (names other than the hostname and localhost, which slurmctld refuses for a second slurmd) it
+    runs one slurmd per name on this host (SLURM's multiple-slurmd mode: its own port, spool, log and pid file
+    each), the CPUs shared out, so that a job can span several "nodes"."""
+
+    def __init__(self, root: Path, cpus: Optional[int] = None, nodes: Optional[list[str]] = None) -> None:
         self.root = root
         self.cpus = cpus or os.cpu_count() or 1
         self.node = socket.gethostname().split(".")[0]
+        self.nodes = nodes or [self.node]
         self.conf = root / "slurm.conf"
         self.munge_socket = root / "munge" / "munge.socket"
         self.procs: dict[str, subprocess.Popen] = {}
@@ -128,12 +133,18 @@ class SlurmCluster:
             f"StateSaveLocation={r / 'state'}",
             f"SlurmdSpoolDir={r / 'spool'}",
             f"SlurmctldPidFile={r / 'run' / 'slurmctld.pid'}",
-            f"SlurmdPidFile={r / 'run' / 'slurmd.pid'}",
+            f"SlurmdPidFile={r / 'run' / 'slurmd.pid'}{self._per_node}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
-            f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem_mb} State=UNKNOWN",
-            f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+            f"SlurmdLogFile={r / 'log' / 'slurmd.log'}{self._per_node}",
+            f"PartitionName=debug Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP",
         ]
+        if len(self.nodes) == 1:
+            lines.append(f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem_mb} State=UNKNOWN")
+        else:
+            cpus, mem = max(1, self.cpus // len(self.nodes)), max(256, mem_mb // len(self.nodes))
+            lines[lines.index(f"SlurmdSpoolDir={r / 'spool'}")] = f"SlurmdSpoolDir={r / 'spool'}/%n"
+            lines += [f"NodeName={n} NodeHostname={self.node} NodeAddr=127.0.0.1 Port={_free_port()} CPUs={cpus} "
+                      f"RealMemory={mem} State=UNKNOWN" for n in self.nodes]
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
@@ -159,13 +170,24 @@ class SlurmCluster:
         self._spawn("slurmctld", [_bin("slurmctld"), "-D", "-i", "-f", str(self.conf)])
         self._wait_for(lambda: self.run("sinfo", "-h", check=False, timeout=10).returncode == 0,
                        "slurmctld answering sinfo", timeout, "slurmctld")
-        self._spawn("slurmd", [_bin("slurmd"), "-D", "-f", str(self.conf)])
-        self._wait_for(self._node_ready, f"node {self.node} idle", timeout, "slurmd")
+        if len(self.nodes) == 1:
+            self._spawn("slurmd", [_bin("slurmd"), "-D", "-f", str(self.conf)])
+        else:
+            for n in self.nodes:
+                self._spawn(f"slurmd-{n}", [_bin("slurmd"), "-D", "-N", n, "-f", str(self.conf)])
+        for name in [k for k in self.procs if k.startswith("slurmd")]:
+            self._wait_for(self._node_ready, f"nodes {', '.join(self.nodes)} idle", timeout, name)
         return self
+
+    @property
+    def _per_node(self) -> str:
+        return "" if len(self.nodes) == 1 else ".%n"
 
     def _node_ready(self) -> bool:
         res = self.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=10)
-        return res.returncode == 0 and res.stdout.strip().rstrip("*") in ("idle", "mixed", "allocated")
+        states = [s.rstrip("*") for s in res.stdout.split()]
+        return (res.returncode == 0 and len(states) == len(self.nodes)
+                and all(s in ("idle", "mixed", "allocated") for s in states))
 
     def _wait_for(self, pred, what: str, timeout: float, daemon: str) -> None:
         end = time.monotonic() + timeout
@@ -188,7 +210,7 @@ class SlurmCluster:
                 if res.returncode != 0 or not res.stdout.strip():
                     break
                 time.sleep(0.5)
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [k for k in self.procs if k.startswith("slurmd")] + ["slurmctld", "munged"]:
             p = self.procs.pop(name, None)
             if p is None or p.poll() is not None:
                 continue
@@ -232,14 +254,14 @@ def _user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-def cluster_fixture() -> Iterator[SlurmCluster]:
+def cluster_fixture(nodes: Optional[list[str]] = None) -> Iterator[SlurmCluster]:
     """Body of the pytest fixture: skip (saying exactly what failed) when SLURM cannot run here."""
     try:
         ensure_installed()
     except SlurmUnavailable as exc:
         pytest.skip(f"SLURM unavailable: {exc}")
     root = Path(tempfile.mkdtemp(prefix="symdiff-slurm-"))
-    cluster = SlurmCluster(root)
+    cluster = SlurmCluster(root, nodes=nodes)
     # A test run stopped with SIGTERM (a CI timeout, kill PID) would otherwise die without teardown and leave the
     # three daemons running: turn it into an exception so that the `finally` below stops them.
     previous = signal.getsignal(signal.SIGTERM)

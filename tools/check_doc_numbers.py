@@ -95,6 +95,11 @@ def _loader(key: str, pick: Callable[[list], float], budget: bool | None = None)
     return lambda d: pick([r[key] for r in d["results"] if keep(r)])
 
 
+def _bgs(full: bool, ranks: int, key: str) -> Callable[[Any], float]:
+    """build_geom_scale.json: one case, by source (the full file or the 1 GB prefix) and rank count."""
+    return lambda d: next(c[key] for c in d["cases"] if c["ranks"] == ranks and (c["source_gb"] > 5) == full)
+
+
 def _train(config: str, nproc: int, key: str) -> Callable[[Any], float]:
     return lambda d: next(r[key] for r in d["results"] if r["config"] == config and r["nproc"] == nproc)
 
@@ -386,6 +391,18 @@ def _ode_nll_checks(doc: str) -> list[Check]:
         (cell(p, "rk4_20", "load_average_1min"), "and {:.1f})"))) for p in ("vpsde", "flow")]
 
 
+# The rows of the table in docs/data.md "Building GEOM-Drugs at full scale": (row start, full file?, ranks); the
+# shared-build rows (the kept build and a run of the same earlier code) are computed from their raw records.
+BUILD_GEOM_ROWS = (("| 1 GB prefix, 1.03 GB | 1 | this |", False, 1), ("| 1 GB prefix, 1.03 GB | 2 | this |", False, 2),
+                   ("| full file, 10.11 GB | 1 | this |", True, 1), ("| full file, 10.11 GB | 2 | this |", True, 2))
+BUILD_GEOM_SHARED_ROWS = (("| 1 GB prefix, 1.03 GB | 2 | before the index |", False),
+                          ("| full file, 10.11 GB | 2 | before the index |", True))
+
+
+def _sb(full: bool, get: Callable[[dict], float]) -> Callable[[Any], float]:
+    return lambda d: get(next(r for r in d["shared_build"] if (r["source_bytes"] > 5e9) == full))
+
+
 CHECKS: list[Check] = [
     # ------------------------------------------------------------------ README "Measured"
     Check("README.md", "| EDM metrics, full QM9 test split", "eval_qm9_test_data_row.json", (
@@ -514,6 +531,44 @@ CHECKS: list[Check] = [
                        if r["data"] == "QM9 train" and r.get("world_size") == 2) / 1000, "{:.0f},000"),
         (lambda d: max(r["molecules_per_s_median"] for r in d["results"]
                        if r["data"] == "QM9 train" and r.get("world_size") == 2) / 1000, "{:.0f},000"))),
+    Check("docs/data.md", "Generation of the full file took", "build_geom_scale.json", (
+        (lambda d: d["generation"]["full"]["seconds"], "{:.0f} s"),
+        (lambda d: d["generation"]["full"]["molecules"], "{:,.0f} molecules"),
+        (lambda d: d["generation"]["full"]["conformers"], "{:,.0f} conformers"),
+        (lambda d: d["generation"]["full"]["bytes"] / 1e9, "{:.1f} GB"),
+        (lambda d: d["generation"]["1gb"]["objects"], "{:.0f} objects"),
+        (lambda d: d["generation"]["1gb"]["conformers"], "{:,.0f} conformers"),
+        (lambda d: d["generation"]["1gb"]["seconds"], "{:.0f} s with 1 worker"))),
+    Check("docs/data.md", "keeps the 30 lowest-energy conformers of each molecule", "build_geom_scale.json", (
+        (lambda d: d["shared_build"][0]["conformers"], "{:,.0f} conformers"),
+        (lambda d: d["shared_build"][0]["atoms"] / 1e6, "{:.1f}M atoms"),
+        (lambda d: d["shared_build"][0]["wall_s"], "{:.0f} s wall"),
+        (lambda d: d["shared_build"][0]["rank_cpu_s"][0], "{:.0f}"),
+        (lambda d: d["shared_build"][0]["rank_cpu_s"][1], "{:.0f} CPU seconds"),
+        (lambda d: d["shared_build"][0]["rank_peak_rss_mb"][0], "{:.0f}"),
+        (lambda d: d["shared_build"][0]["rank_peak_rss_mb"][1], "{:.0f} MB per rank"))),
+    *[Check("docs/data.md", row, "build_geom_scale.json", (
+        (_bgs(full, ranks, "conformers"), "{:,.0f}"), (_bgs(full, ranks, "peak_rss_mb_per_rank_max"), "{:.0f} MB"),
+        (_bgs(full, ranks, "conformers_per_s_per_rank_wall"), "{:,.0f}"),
+        (_bgs(full, ranks, "conformers_per_cpu_s_per_rank"), "{:,.0f}")))
+      for row, full, ranks in BUILD_GEOM_ROWS],
+    *[Check("docs/data.md", row, "build_geom_scale.json", (
+        (_sb(full, lambda r: r["conformers"]), "{:,.0f}"),
+        (_sb(full, lambda r: max(r["rank_peak_rss_mb"])), "{:.0f} MB"),
+        (_sb(full, lambda r: round(r["conformers"] / r["wall_s"] / r["ranks"])), "{:,.0f}"),
+        (_sb(full, lambda r: round(r["conformers"] / sum(r["rank_cpu_s"]))), "{:,.0f}")))
+      for row, full in BUILD_GEOM_SHARED_ROWS],
+    Check("docs/data.md", "Peak RSS per rank does not grow with the source", "build_geom_scale.json", (
+        (lambda d: d["rss_full_over_small"]["1"], "{:.3f} serial"),
+        (lambda d: d["rss_full_over_small"]["2"], "{:.3f} with 2 ranks with this code"),
+        (lambda d: d["shared_build_rss_full_over_small"]["2"], "{:.3f} with 2 ranks with the code before the index"))),
+    Check("docs/data.md", "Projected wall time on idle cores for K ranks", "build_geom_scale.json", (
+        (lambda d: d["projection"]["wall_s"]["8"], "{:.0f} s at K = 8"),
+        (lambda d: d["projection"]["wall_s"]["64"], "{:.0f} s at K = 64"),
+        (lambda d: d["projection"]["wall_s"]["512"], "{:.0f} s at K = 512"),
+        (lambda d: d["projection"]["startup_cpu_s"], "({:.1f} s)"),
+        (lambda d: d["projection"]["index_scan"]["cpu_s_scaled_to_full"], "({:.0f} s"),
+        (lambda d: d["projection"]["rate_conformers_per_s_per_rank"], "{:,.0f} conformers/s"))),
     # ------------------------------------------------------------------ docs/kernels.md
     Check("docs/kernels.md", "- Gaussian forward:", "kernels_sm90_build_2026-11-25.json", (
         (_regs("gaussian_fwd"), "{:.0f} registers"),)),
@@ -706,7 +761,7 @@ def run_check(check: Check, root: Path) -> list[str]:
 
 
 # How result files are named (a bare name in a document is taken for one when it looks like this).
-RESULT_NAME = (r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps|scale)"
+RESULT_NAME = (r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps|scale|build)"
                r"_[\w.\-]+\.json$")
 
 

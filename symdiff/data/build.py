@@ -81,6 +81,8 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
     error: Optional[str] = None
     try:
         src = open_source(dataset, Path(source), shard_size=shard_size, **source_kw)
+        if hasattr(src, "comm"):  # a source that can share work between ranks (the GEOM msgpack's object index)
+            src.comm = comm
         for key, by_split in src.iter_parts(rank, world):
             for split, mols in by_split.items():
                 where = f"{source} ({split})"
@@ -105,7 +107,8 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
         error, has_charges = f"rank {rank}: {type(exc).__name__}: {exc}", False
 
     # CPU seconds per rank show how the work was split even on a machine busy with other jobs.
-    mine = (entries, skipped.to_dict(), error, info, round(time.process_time(), 3))
+    # Peak RSS per rank shows whether the build streams: it must not grow with the source.
+    mine = (entries, skipped.to_dict(), error, info, round(time.process_time(), 3), _peak_rss_mb())
     if comm is not None:
         # Open MPI's blocking collectives busy-poll: a rank that finishes first would spin at 100 % CPU and steal a
         # core from the ranks still parsing. Wait for everybody with a sleeping poll instead.
@@ -135,9 +138,13 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
                 final_error = (f"{source}: no molecules to build a dataset from"
                                + (f" (all {total_skipped.total} were invalid and skipped)" if total_skipped.total
                                   else " (an empty source?)"))
+            # A streamed source learns whether it is synthetic from what it read: any rank's molecules say so.
+            if any(g[3].get("synthetic") for g in gathered):
+                info = {**info, "synthetic": True}
             extra = {**info, "shard_size": shard_size, "skipped": total_skipped.to_dict(),
                      "build": {"ranks": world, "seconds": round(time.perf_counter() - t0, 3),
-                               "rank_cpu_seconds": [g[4] for g in gathered]}}
+                               "rank_cpu_seconds": [g[4] for g in gathered],
+                               "rank_peak_rss_mb": [g[5] for g in gathered]}}
             man = make_manifest(dataset, splits, extra=extra)
             man["has_formal_charges"] = bool(has_charges)
             try:
@@ -153,6 +160,11 @@ def build(dataset: str, source: str | Path, out: str | Path, *, shard_size: int 
     if final_error:
         raise DataError(final_error)
     return man
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def _write_shard(tmp: Path, out: Path, rel: str, part, *, dataset: str, split: str) -> dict[str, Any]:
