@@ -393,8 +393,8 @@ def _ode_nll_checks(doc: str) -> list[Check]:
 
 # The rows of the table in docs/data.md "Building GEOM-Drugs at full scale": (row start, full file?, ranks); the
 # shared-build rows (the kept build and a run of the same earlier code) are computed from their raw records.
-BUILD_GEOM_ROWS = (("| 1 GB prefix, 1.03 GB | 1 | this |", False, 1), ("| 1 GB prefix, 1.03 GB | 2 | this |", False, 2),
-                   ("| full file, 10.11 GB | 1 | this |", True, 1), ("| full file, 10.11 GB | 2 | this |", True, 2))
+BUILD_GEOM_ROWS = tuple((f"| {src} | {k} | with the index |", full, k)
+                        for src, full in (("1 GB prefix, 1.03 GB", False), ("full file, 10.11 GB", True)) for k in (1, 2))
 BUILD_GEOM_SHARED_ROWS = (("| 1 GB prefix, 1.03 GB | 2 | before the index |", False),
                           ("| full file, 10.11 GB | 2 | before the index |", True))
 
