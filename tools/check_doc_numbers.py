@@ -527,6 +527,8 @@ CHECKS: list[Check] = [
         (lambda d: d["train_cpu_min"], "{:.1f} CPU minutes"), (lambda d: d["steps"], "{:,} steps"))),
     Check("docs/training.md", "Partial denoising of the same 64 training molecules", "partial_denoise_memorise_qm9_64.json",
           tuple((_pd(t0, "mol_stability"), "{:.1f}%") for t0 in (0, 10, 50, 100))),
+    *[Check("docs/training.md", "One option screened at equal steps", f"partial_denoise_memorise_qm9_64_step4000_{k}.json",
+            ((_pd(10, "mol_stability"), "{:.1f}%"), (_pd(50, "mol_stability"), "{:.1f}%"))) for k in ("paper", "log_snr")],
     Check("docs/model.md", "stability as the 250-step sampler", "rescore_qm9_tiny_symdiff_60min_1000_vs_250_steps.json",
           ((lambda d: pct(d["rescores"][0]["atom_stability"]), "{:.1f}%"),
            (lambda d: pct(d["rescores"][1]["atom_stability"]), "{:.1f}%"))),
