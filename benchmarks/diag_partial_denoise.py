@@ -1,13 +1,14 @@
 """Where along the diffusion a trained model loses molecules: noise real QM9 molecules to step t0, denoise back.
 
-Takes EMA weights saved by the earlier `bench_model_learning_curve.py --save-ema` (its own training loop), draws
+Takes a run directory or checkpoint of `symdiff train` (its EMA weights, loaded as `symdiff sample` loads them), or
+EMA weights saved by the earlier `bench_model_learning_curve.py --save-ema` (its own training loop), draws
 molecules from the EDM training split of ../shared/data/qm9/qm9.npz, diffuses them to t0 (q(z_t0 | x, h)), runs the
 model's own ancestral steps t0 -> 0 and the final p(x, h | z_0), and scores the result with the EDM protocol. t0 = 0
 only decodes (it must give the data's own stability: a check of the sampler's ends); larger t0 shows how much noise
 the denoiser can undo. A well-trained model keeps high stability up to large t0; the gap to the data row says where
 to look.
 
-Usage: .venv/bin/python benchmarks/diag_partial_denoise.py runs/lc/symdiff_ema.pt [--t0 0 10 50 100 200 500]
+Usage: .venv/bin/python benchmarks/diag_partial_denoise.py RUN_DIR|runs/lc/symdiff_ema.pt [--t0 0 10 50 100 200 500]
            [--n 200] [--out benchmarks/results/partial_denoise_<name>.json]
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ def main() -> int:
     from symdiff.models import build_model
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("weights", help="EMA weights saved by bench_model_learning_curve.py --save-ema")
+    ap.add_argument("weights", help="a symdiff train run dir or checkpoint, or EMA weights saved by "
+                    "bench_model_learning_curve.py --save-ema")
     ap.add_argument("--t0", type=int, nargs="+", default=[0, 10, 50, 100, 200, 500])
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1)
@@ -74,12 +76,19 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    saved = torch.load(args.weights, map_location="cpu", weights_only=True)  # tensors + config dict: no code runs
-    model = build_model(from_dict(saved["config"]))
-    model.load_state_dict(saved["ema"])
+    if Path(args.weights).is_dir():  # a run or checkpoint of the product trainer
+        from symdiff.config import to_dict
+        from symdiff.train.checkpoint import load_for_inference
+
+        cfg, model = load_for_inference(args.weights, use_ema=True)
+        saved = {"config": to_dict(cfg), "step": None}
+    else:
+        saved = torch.load(args.weights, map_location="cpu", weights_only=True)  # tensors + config: no code runs
+        model = build_model(from_dict(saved["config"]))
+        model.load_state_dict(saved["ema"])
     model.eval()
     mols, train_idx = load_qm9(Path(args.data))
-    idx = np.random.default_rng(args.seed).choice(train_idx, args.n, replace=False)
+    idx = np.random.default_rng(args.seed).choice(train_idx, min(args.n, len(train_idx)), replace=False)
     batch = collate(mols, idx)
     rows = []
     for t0 in args.t0:
@@ -97,7 +106,7 @@ def main() -> int:
     name = Path(args.weights).stem
     out = Path(args.out or REPO / "benchmarks" / "results" / f"partial_denoise_{name}.json")
     write_json(out, {"machine": machine(), "weights": str(args.weights), "step": saved.get("step"),
-                     "kind": saved["config"]["model"]["kind"], "n_molecules": args.n, "rows": rows})
+                     "kind": saved["config"]["model"]["kind"], "n_molecules": len(idx), "rows": rows})
     return 0
 
 

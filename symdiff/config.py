@@ -96,6 +96,13 @@ class ModelConfig:
     # Attention over the packed atoms: auto (varlen on CUDA: jagged tensors, no mask, flash/efficient SDPA; padded
     # on CPU, today's exact numerics) | padded (boolean key mask) | varlen (symdiff/models/dit.py)
     attention: str = "auto"
+    # What the time embedder's sinusoid is fed (symdiff/models/time_input.py): t_over_T = t / T in [0, 1], the
+    # paper's and the official code's (SPEC D9); t_int = the integer step t; log_snr = -gamma(t), the schedule's
+    # log-SNR (vdm only). Between t = 0 and 100 t / T barely moves the 256-d feature (issue 18); the others do.
+    time_input: str = "t_over_T"
+    # Self-conditioning (SemlaFlow, ADiT): the DiT also takes the previous estimate x-hat_0 of the positions,
+    # rotated like z_t (R^T x-hat). False = the paper's network, with the paper's parameters (no extra input layer).
+    self_condition: bool = False
     # kind egnn only: the E(n)-equivariant GNN of EDM (the DiT and gamma keys above are unused by it)
     egnn: EGNNConfig = field(default_factory=EGNNConfig)
 
@@ -123,6 +130,16 @@ class DiffusionConfig:
     mcmc_steps: int = 64
     mcmc_burn_in: int = 16
     mcmc_samples: int = 8
+    # vdm only. How training times are drawn: uniform = t ~ U{0..T} (the paper); low_noise = t = floor((T + 1) u^p),
+    # u ~ U(0, 1), p = t_low_noise_power > 1 puts more draws at low noise (the density of t/T is u^(1/p - 1) / p)
+    t_sampling: str = "uniform"
+    t_low_noise_power: float = 2.0
+    # vdm only. Per-molecule weight of the eps error: uniform = 1 (the paper); snr_clamped = clamp(SNR(t), min, max),
+    # a truncated SNR weight in the manner of EQGAT-diff and TABASCO (which apply it to an x0 error), here on eps:
+    # it puts the weight at low noise and caps it there
+    loss_weight: str = "uniform"
+    loss_weight_min: float = 0.05
+    loss_weight_max: float = 1.5
 
 
 @dataclass
@@ -130,8 +147,12 @@ class TrainConfig:
     max_steps: int = 1000
     lr: float = 2e-4
     warmup_steps: int = 0
+    # After the warm-up: constant (the paper) | cosine (DeepSpeed WarmupCosineLR, to lr * lr_min_ratio at
+    # max_steps) | linear (DeepSpeed WarmupDecayLR, to 0 at max_steps)
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.01
     weight_decay: float = 1e-12
-    amsgrad: bool = True
+    amsgrad: bool = True  # Adam with amsgrad (the paper's); false = plain AdamW
     clip_grad_norm: float = 2.0
     ema_decay: float = 0.9999
     seed: int = 0
@@ -240,6 +261,12 @@ GAUSSIAN_PROCESSES = ("vdm", "vpsde")
 # diffusion.flow_align (symdiff/diffusion/flow.py ALIGNS): the flow process's prior-data coupling.
 FLOW_ALIGNS = ("none", "hungarian", "hungarian_kabsch")
 
+# The recipe options of issue 18 (symdiff/models/time_input.py TIME_INPUTS; symdiff/diffusion/vdm.py).
+TIME_INPUTS = ("t_over_T", "t_int", "log_snr")
+T_SAMPLINGS = ("uniform", "low_noise")
+LOSS_WEIGHTS = ("uniform", "snr_clamped")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
 RULES: dict[str, tuple[Check, str]] = {
     "data.dataset": _one_of(*DATASETS),
     "data.batch_size": _int_at_least(1),
@@ -265,6 +292,8 @@ RULES: dict[str, tuple[Check, str]] = {
     "model.kernel_backend": _one_of(*KERNEL_BACKENDS),
     "model.linear_backend": _one_of(*LINEAR_BACKENDS),
     "model.attention": _one_of(*ATTENTIONS),
+    "model.time_input": _one_of(*TIME_INPUTS),
+    "model.self_condition": _one_of(False, True),
     "model.egnn.nf": _int_at_least(1),
     "model.egnn.n_layers": _int_at_least(1),
     "model.egnn.inv_sublayers": _int_at_least(1),
@@ -284,9 +313,16 @@ RULES: dict[str, tuple[Check, str]] = {
     "diffusion.mcmc_steps": _int_at_least(1),
     "diffusion.mcmc_burn_in": _int_at_least(0),
     "diffusion.mcmc_samples": _int_at_least(1),
+    "diffusion.t_sampling": _one_of(*T_SAMPLINGS),
+    "diffusion.t_low_noise_power": ((lambda v: _finite(v) and v >= 1), "a finite number >= 1"),
+    "diffusion.loss_weight": _one_of(*LOSS_WEIGHTS),
+    "diffusion.loss_weight_min": _positive(),
+    "diffusion.loss_weight_max": _positive(),
     "train.max_steps": _int_at_least(1),
     "train.lr": _positive(),
     "train.warmup_steps": _int_at_least(0),
+    "train.lr_schedule": _one_of(*LR_SCHEDULES),
+    "train.lr_min_ratio": ((lambda v: _finite(v) and 0 <= v <= 1), "a number in [0, 1]"),
     "train.weight_decay": _non_negative(),
     "train.clip_grad_norm": _positive(),
     "train.ema_decay": ((lambda v: _finite(v) and 0 <= v < 1), "a number in [0, 1)"),
@@ -343,6 +379,29 @@ def _cross_checks(d: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
                     f"train.eval_every > 0 evaluates the validation NLL during training; the {process} process's "
                     "likelihood is an ODE's, too costly there: set train.eval_every=0 and score the run with "
                     "`symdiff eval --nll`"))
+    out.extend(_recipe_checks(d))
+    return out
+
+
+def _recipe_checks(d: dict[str, Any]) -> list[tuple[tuple[str, ...], str]]:
+    """The recipe options (issue 18) that only some processes or denoisers implement."""
+    out = []
+    m, dc = d["model"], d["diffusion"]
+    process = dc["process"]
+    vdm_only = {"diffusion.t_sampling": dc["t_sampling"] != "uniform",
+                "diffusion.loss_weight": dc["loss_weight"] != "uniform",
+                "model.time_input": m["time_input"] == "log_snr", "model.self_condition": bool(m["self_condition"])}
+    for key in (k for k, used in vdm_only.items() if used and process != "vdm"):
+        out.append(((key, "diffusion.process"), f"{key} {_get(d, key)!r} is implemented for the vdm process only "
+                    f"(diffusion.process is {process})"))
+    for key, used in (("model.self_condition", m["self_condition"]), ("model.time_input", m["time_input"] != "t_over_T")):
+        if used and m["kind"] == "egnn":
+            out.append(((key, "model.kind"), f"{key} {_get(d, key)!r} applies to the DiT denoisers (dit, dit_aug, "
+                        "symdiff_haar, symdiff), not to egnn"))
+    if dc["loss_weight_min"] > dc["loss_weight_max"]:
+        out.append((("diffusion.loss_weight_min", "diffusion.loss_weight_max"),
+                    f"diffusion.loss_weight_min {dc['loss_weight_min']} exceeds diffusion.loss_weight_max "
+                    f"{dc['loss_weight_max']}"))
     return out
 
 

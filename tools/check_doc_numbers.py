@@ -61,6 +61,13 @@ def _pd(t0: int, key: str) -> Callable[[Any], float]:
     return lambda d: pct(next(r for r in d["rows"] if r["t0"] == t0)[key])
 
 
+# bench_memorise.py: the score, the sample metrics, and the training budget used
+MEMORISE = (
+    (lambda d: pct(d["stable_and_in_training_set"]), "{:.1f}%"), (lambda d: pct(d["atom_stability"]), "{:.1f}%"),
+    (lambda d: pct(d["mol_stability"]), "{:.1f}%"), (lambda d: pct(d["validity"]), "{:.1f}%"),
+    (lambda d: d["train_cpu_min"], "{:.1f} CPU minutes"), (lambda d: d["steps"], "{:,} steps"))
+
+
 def _sbs(config: str, *keys: str) -> Callable[[Any], float]:
     def get(d: Any) -> float:
         v = d["configs"][config]["summary"]
@@ -659,6 +666,12 @@ CHECKS: list[Check] = [
         (lambda d: d["median"]["bf16"]["it_per_s"], "bf16 {:.2f} it/s"),
         (lambda d: d["bf16_over_fp32_it_per_s"], "({:.2f}x)"))),
     *_egnn_checks(),
+    Check("docs/training.md", "are stable and in the training set (atom stability", "memorise_qm9_64.json", MEMORISE),
+    Check("docs/training.md", "The whole check with `model.time_input=log_snr`", "memorise_qm9_64_log_snr.json", MEMORISE),
+    Check("docs/training.md", "Partial denoising of the same 64 training molecules", "partial_denoise_memorise_qm9_64.json",
+          tuple((_pd(t0, "mol_stability"), "{:.1f}%") for t0 in (0, 10, 50, 100))),
+    *[Check("docs/training.md", "One option screened at equal steps", f"partial_denoise_memorise_qm9_64_step4000_{k}.json",
+            ((_pd(10, "mol_stability"), "{:.1f}%"), (_pd(50, "mol_stability"), "{:.1f}%"))) for k in ("paper", "log_snr")],
     Check("docs/model.md", "stability as the 250-step sampler", "rescore_qm9_tiny_symdiff_60min_1000_vs_250_steps.json",
           ((lambda d: pct(d["rescores"][0]["atom_stability"]), "{:.1f}%"),
            (lambda d: pct(d["rescores"][1]["atom_stability"]), "{:.1f}%"))),
@@ -761,8 +774,8 @@ def run_check(check: Check, root: Path) -> list[str]:
 
 
 # How result files are named (a bare name in a document is taken for one when it looks like this).
-RESULT_NAME = (r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps|scale|build)"
-               r"_[\w.\-]+\.json$")
+RESULT_NAME = (r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps|scale|build"
+               r"|memorise)_[\w.\-]+\.json$")
 
 
 def named_results(root: Path) -> list[str]:

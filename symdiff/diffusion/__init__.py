@@ -11,7 +11,7 @@ from symdiff.diffusion.flow import Flow
 from symdiff.diffusion.process import Process
 from symdiff.diffusion.quotient import permutation_target, target_options
 from symdiff.diffusion.schedule import NoiseSchedule, polynomial_alpha2
-from symdiff.diffusion.vdm import VDM
+from symdiff.diffusion.vdm import VDM, recipe_options
 from symdiff.diffusion.vpsde import VPSDE
 
 PROCESSES: dict[str, type[Process]] = {"vdm": VDM, "vpsde": VPSDE, "flow": Flow}
@@ -29,6 +29,8 @@ def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> 
     target = str(getattr(dc, "target", "standard"))
     if name in ("vdm", "vpsde"):
         extra = {"target": target, "target_options": target_options(dc)}
+    if name == "vdm":
+        extra["recipe"] = recipe_options(cfg)
     elif target != "standard":
         raise ValueError(f"diffusion.target '{target}' needs a Gaussian forward kernel (vdm, vpsde), not {name}")
     return PROCESSES[name](d, num_classes, *nf, timesteps=int(dc.timesteps), schedule=str(dc.schedule),

@@ -37,6 +37,30 @@ class Features(NamedTuple):
     integer: Optional[torch.Tensor]
 
 
+class Recipe(NamedTuple):
+    """The training-recipe options of issue 18 the process owns; the defaults are the paper's."""
+    t_sampling: str = "uniform"  # uniform | low_noise
+    t_low_noise_power: float = 2.0
+    loss_weight: str = "uniform"  # uniform | snr_clamped
+    loss_weight_min: float = 0.05
+    loss_weight_max: float = 1.5
+    self_condition: bool = False  # the denoiser takes x_self (model.self_condition)
+
+
+def recipe_options(cfg: Any) -> Recipe:
+    """The :class:`Recipe` a config names (keys a config predating them lacks take the paper's defaults)."""
+    dc, mc, r = cfg.diffusion, cfg.model, Recipe()
+    return Recipe(*(type(v)(getattr(dc, k, v)) for k, v in zip(Recipe._fields[:5], r[:5])),
+                  bool(getattr(mc, "self_condition", False)))
+
+
+# Self-conditioning feeds x-hat_0 = (z_t - sigma eps_hat) / alpha back; at high noise alpha -> 0 makes it huge
+# and meaningless. Atoms further than this (on the normalised scale, in units of 1 / norm_x Angstrom) from the
+# centre are pulled in along their own direction, which keeps the clamp rotation-equivariant (a per-coordinate
+# clamp would not be).
+X_SELF_MAX_RADIUS = 10.0
+
+
 class VDM(Process):
     """The vdm process: T discrete steps of the polynomial noise schedule, eps-parameterised."""
 
@@ -46,9 +70,14 @@ class VDM(Process):
 
     def __init__(self, d: int, num_classes: int, norm_x: float, norm_cat: float, norm_int: float,
                  timesteps: int = 1000, schedule: str = "polynomial_2", precision: float = 1e-5,
-                 backend: str = "auto", target: str = "standard", target_options: Optional[dict[str, Any]] = None
-                 ) -> None:
+                 backend: str = "auto", target: str = "standard", target_options: Optional[dict[str, Any]] = None,
+                 recipe: Optional[Recipe] = None) -> None:
         super().__init__()
+        self.recipe = recipe or Recipe()
+        if self.recipe.t_sampling not in ("uniform", "low_noise"):
+            raise ValueError(f"t_sampling '{self.recipe.t_sampling}' is not one of uniform, low_noise")
+        if self.recipe.loss_weight not in ("uniform", "snr_clamped"):
+            raise ValueError(f"loss_weight '{self.recipe.loss_weight}' is not one of uniform, snr_clamped")
         self._set_target(target, target_options)
         self.d, self.num_classes = int(d), int(num_classes)
         self.norm_x, self.norm_cat, self.norm_int = float(norm_x), float(norm_cat), float(norm_int)
@@ -65,6 +94,57 @@ class VDM(Process):
         return edm.sample_noise(mask, self.d if d is None else d, dtype, self.backend, generator)
 
     # ------------------------------------------------------------------ training
+    def train_times(self, B: int, device: torch.device, generator: Optional[torch.Generator] = None
+                    ) -> torch.Tensor:
+        """Training times t_int [B] in 0..T: uniform (the paper), or u^p-skewed toward t = 0 (low_noise)."""
+        T = self.timesteps
+        if self.recipe.t_sampling == "uniform":
+            return torch.randint(0, T + 1, (B,), device=device, generator=generator)
+        u = torch.rand(B, dtype=torch.float64, device=device, generator=generator)
+        return torch.floor((T + 1) * u ** self.recipe.t_low_noise_power).long().clamp(max=T)
+
+    def loss_weights(self, gamma: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-molecule weights of the eps error (float64 [B]), None for the paper's uniform weight."""
+        if self.recipe.loss_weight == "uniform":
+            return None
+        return torch.exp(-gamma).clamp(self.recipe.loss_weight_min, self.recipe.loss_weight_max)
+
+    def x0_estimate(self, z_t: torch.Tensor, eps_hat: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """x-hat_0 = (x_t - sigma eps_hat_x) / alpha [B, N, 3], radius-clamped (X_SELF_MAX_RADIUS): the
+        self-conditioning input."""
+        a, s = edm._bcast(self.schedule.alpha(gamma), z_t), edm._bcast(self.schedule.sigma(gamma), z_t)
+        x = (z_t[..., :3] - s * eps_hat[..., :3]) / a
+        r_max = X_SELF_MAX_RADIUS / self.norm_x
+        r = x.norm(dim=-1, keepdim=True)
+        return x * torch.where(r > r_max, r_max / r.clamp_min(1e-12), torch.ones_like(r))
+
+    def _self_condition(self, denoise: DenoiseFn, z_t: torch.Tensor, mask: torch.Tensor, t: torch.Tensor,
+                        gamma: torch.Tensor, generator: Optional[torch.Generator]) -> dict[str, torch.Tensor]:
+        """Training: with probability 1/2 (per batch) a first, gradient-free pass gives x-hat_0, fed back as x_self;
+        otherwise no estimate (the denoiser sees zeros, as at the first sampling step)."""
+        if not self.recipe.self_condition:
+            return {}
+        if bool(torch.rand((), device=z_t.device, generator=generator) >= 0.5):
+            return {"x_self": torch.zeros_like(z_t[..., :3])}
+        with torch.no_grad():
+            eps_hat = denoise(z_t, mask, t, generator=generator, x_self=torch.zeros_like(z_t[..., :3]))
+        return {"x_self": self.x0_estimate(z_t, eps_hat.detach(), gamma)}
+
+    def self_conditioned(self, denoise: DenoiseFn) -> DenoiseFn:
+        """The denoiser a sampler calls: each call is given the previous call's x-hat_0 (zeros at the first)."""
+        if not self.recipe.self_condition:
+            return denoise
+        last: dict[str, torch.Tensor] = {}
+
+        def fn(z: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, **kw: Any) -> torch.Tensor:
+            x_self = last.get("x", torch.zeros_like(z[..., :3]))
+            eps_hat = denoise(z, mask, t, x_self=x_self, **kw)
+            t_int = (torch.as_tensor(t, device=z.device).double() * self.timesteps).round().long()
+            last["x"] = self.x0_estimate(z, eps_hat, self.schedule.gamma(t_int.expand(z.shape[0])))
+            return eps_hat
+
+        return fn
+
     def loss(self, denoise: DenoiseFn, f: Features, generator: Optional[torch.Generator] = None
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Algorithm 1 with the EDM details of SPEC §2.3: l2 on eps, t ~ U{0..T}, divided by (3 + d) * N_pad.
@@ -74,20 +154,25 @@ class VDM(Process):
         x, h, mask = f.x, f.h, f.mask
         B, N = mask.shape
         xh = torch.cat([x, h], dim=-1)
-        t_int = torch.randint(0, self.timesteps + 1, (B,), device=x.device, generator=generator)
+        t_int = self.train_times(B, x.device, generator)
         gam = self.schedule.gamma(t_int)
         alpha, sigma = edm._bcast(self.schedule.alpha(gam), xh), edm._bcast(self.schedule.sigma(gam), xh)
         eps = self._noise(mask, xh.dtype, generator)
         z_t = alpha * xh + sigma * eps
         target = training_target(self.target, eps, z_t, xh, mask, alpha.view(-1), sigma.view(-1), generator,
                                  self.target_options)
-        eps_hat = denoise(z_t, mask, t_int.to(xh.dtype) / self.timesteps, generator=generator)
+        t = t_int.to(xh.dtype) / self.timesteps
+        cond = self._self_condition(denoise, z_t, mask, t, gam, generator)
+        eps_hat = denoise(z_t, mask, t, generator=generator, **cond)
         err = (target - eps_hat) ** 2
         err_x = err[..., :3].sum((1, 2))
         err_h = err[..., 3:].sum((1, 2))
         denom = (3 + self.d) * N
         # t = 0: only the x part is Gaussian; the h part is scored by the discrete likelihood (constant in theta).
         per_mol = 0.5 * torch.where(t_int == 0, err_x, err_x + err_h) / denom
+        weights = self.loss_weights(gam)
+        if weights is not None:  # cast to the state dtype: the loss stays float32
+            per_mol = per_mol * weights.to(per_mol.dtype)
         loss = per_mol.mean()
         return loss, self._loss_stats(loss, err_x, err_h, denom, mask, target, eps)
 
@@ -195,6 +280,7 @@ class VDM(Process):
         sampler = self.check_sampler(sampler)
         if not 0.0 <= float(ddim_eta) <= 1.0:
             raise ValueError(f"ddim_eta {ddim_eta}: must be in [0, 1]")
+        denoise = self.self_conditioned(denoise)
         z = self.prior(mask, dtype, generator)
         times = edm.strided_times(self.timesteps, steps or self.timesteps)
         history: Optional[vdm_samplers.DPMHistory] = None

@@ -29,12 +29,17 @@ from symdiff.kernels.linear import Linear
 from symdiff.models.dit import DiT, Packing
 from symdiff.models.embedding import GaussianEmbedding
 from symdiff.models.gamma import GammaNet, haar_o3
+from symdiff.models.time_input import TimeInput
 
 KINDS = ("dit", "dit_aug", "symdiff_haar", "symdiff")
 
 
 class DenoiseFn(Protocol):
-    """What a process calls: ``denoise(z, mask, t, R=None, R0=None, eta=None, generator=None) -> out``."""
+    """What a process calls: ``denoise(z, mask, t, R=None, R0=None, eta=None, generator=None) -> out``.
+
+    A self-conditioned denoiser (``model.self_condition``) also takes ``x_self``, the previous x-hat_0 [B, N, 3];
+    the process passes it only to such a denoiser.
+    """
 
     def __call__(self, z: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, R: Optional[torch.Tensor] = None,
                  R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None,
@@ -45,14 +50,24 @@ class EpsNet(nn.Module):
     """f_theta (SPEC §3.2): tokens [W_I [x, h], Psi] -> DiT -> 3 + d channels."""
 
     def __init__(self, in_features: int, xh_hidden: int, hidden: int, depth: int, num_heads: int,
-                 mlp_ratio: float) -> None:
+                 mlp_ratio: float, self_condition: bool = False) -> None:
         super().__init__()
         self.inp = Linear(in_features, xh_hidden)
         self.dit = DiT(hidden, depth, num_heads, mlp_ratio, out_channels=in_features)
+        # Self-conditioning adds x-hat_0 through its own layer (absent otherwise: the paper's state dict). Zero at
+        # initialisation, so a new self-conditioned network starts as the plain one.
+        self.self_in = Linear(3, xh_hidden) if self_condition else None
+        if self.self_in is not None:
+            nn.init.zeros_(self.self_in.weight)
+            nn.init.zeros_(self.self_in.bias)
 
-    def forward(self, xh: torch.Tensor, psi: torch.Tensor, t: torch.Tensor, pk: Packing) -> torch.Tensor:
+    def forward(self, xh: torch.Tensor, psi: torch.Tensor, t: torch.Tensor, pk: Packing,
+                x_self: Optional[torch.Tensor] = None) -> torch.Tensor:
         w = self.inp.weight.dtype
-        tokens = torch.cat([self.inp(pk.pack(xh).to(w)), psi.to(w)], dim=-1)
+        feat = self.inp(pk.pack(xh).to(w))
+        if self.self_in is not None:  # no estimate yet (first pass, first sampling step): x-hat = 0
+            feat = feat + self.self_in(pk.pack(x_self if x_self is not None else xh[..., :3] * 0).to(w))
+        tokens = torch.cat([feat, psi.to(w)], dim=-1)
         return self.dit(tokens, t, pk)
 
 
@@ -96,6 +111,8 @@ class Denoiser(DenoiserBase):
         self.embedding = embedding
         self.eps_net = eps_net
         self.gamma_net = gamma_net
+        # model.time_input: what the time embedders see (set by the model, which owns the process's schedule)
+        self.time_input = TimeInput()
 
     def _weight(self) -> torch.Tensor:
         return self.embedding.mu
@@ -132,14 +149,15 @@ class Denoiser(DenoiserBase):
             eta = torch.randn(B, x.shape[1], self.gamma_net.noise_dims, dtype=x.dtype, device=x.device,
                               generator=generator)
         eta = eta * mask.to(x.dtype).unsqueeze(-1)
-        return self.gamma_net(x, psi, as_time(t, B, x), pk, R0.to(x.dtype), eta)
+        return self.gamma_net(x, psi, self.time_input(as_time(t, B, x)), pk, R0.to(x.dtype), eta)
 
     def forward(self, z: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, R: Optional[torch.Tensor] = None,
                 R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, x_self: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[R pi(f_x(R^T x, h)), f_h(R^T x, h)] (SPEC §2.7) at state z [B, N, 3 + d] and time t [B] (or scalar).
 
         R is drawn from gamma unless given (pass R=None with R0/eta to fix gamma's randomness instead).
+        ``x_self`` (self-conditioning, [B, N, 3]) is a position: f sees R^T x_self, as it sees R^T x.
         Unsymmetrised kinds use R = identity. z and the result are in the state dtype; only the network body
         runs in ``net_dtype``.
         """
@@ -157,7 +175,11 @@ class Denoiser(DenoiserBase):
             R = self.gamma(x, mask, t, R0=R0, eta=eta, _psi=psi, _pk=pk, generator=generator)
         x_in = x if R is None else kernels.com_project_rotate(x, mask, R.to(z.dtype), backend=self.backend,
                                                               transpose=True)
-        out = pk.unpack(self.eps_net(torch.cat([x_in, z[..., 3:]], dim=-1), psi, t, pk).to(z.dtype))
+        if x_self is not None:
+            x_self = kernels.com_project_rotate(x_self.to(z.dtype), mask, None if R is None else R.to(z.dtype),
+                                                backend=self.backend, transpose=R is not None)
+        out = pk.unpack(self.eps_net(torch.cat([x_in, z[..., 3:]], dim=-1), psi, self.time_input(t), pk,
+                                     x_self=x_self).to(z.dtype))
         out_x = kernels.com_project_rotate(out[..., :3], mask, None if R is None else R.to(z.dtype),
                                            backend=self.backend)
         return torch.cat([out_x, out[..., 3:]], dim=-1) * m

@@ -36,6 +36,7 @@ from symdiff.models.dit import Packing
 from symdiff.models.egnn import EGNNDenoiser
 from symdiff.models.embedding import GaussianEmbedding
 from symdiff.models.gamma import GammaNet
+from symdiff.models.time_input import TimeInput
 
 __all__ = ["KINDS", "EpsNet", "SymDiffModel", "default_n_hist"]
 
@@ -112,6 +113,7 @@ class SymDiffModel(nn.Module):
             raise ConfigError(f"diffusion.process: {exc}") from None
         if isinstance(self.process, VDM):
             _check_sigma0(self.schedule, self.norm_cat, self.norm_int)
+        self._set_time_input(str(getattr(mc, "time_input", "t_over_T")))
         # Map Z -> class index on device; -1 marks elements outside the alphabet.
         lut = torch.full((128,), -1, dtype=torch.long)
         lut[list(self.alphabet.atomic_numbers)] = torch.arange(self.num_classes)
@@ -136,7 +138,7 @@ class SymDiffModel(nn.Module):
                              f"({mc.xh_hidden_size}): the rest is the distance embedding")
         embedding = GaussianEmbedding(int(mc.num_gaussians), n_emb, backend=self.backend)
         eps_net = EpsNet(3 + self.d, int(mc.xh_hidden_size), int(mc.hidden_size), int(mc.depth),
-                         int(mc.num_heads), float(mc.mlp_ratio))
+                         int(mc.num_heads), float(mc.mlp_ratio), bool(getattr(mc, "self_condition", False)))
         gamma_net: Optional[GammaNet] = None
         if self.kind == "symdiff":
             gamma_net = GammaNet(n_emb, int(mc.gamma_hidden_size), int(mc.gamma_depth),
@@ -147,6 +149,16 @@ class SymDiffModel(nn.Module):
         # view of the same submodules, kept out of the module tree so nothing is registered twice.
         self.embedding, self.eps_net, self.gamma_net = embedding, eps_net, gamma_net
         object.__setattr__(self, "denoiser", Denoiser(self.kind, embedding, eps_net, gamma_net, self.backend))
+
+    def _set_time_input(self, mode: str) -> None:
+        """model.time_input: the DiT embedders' input, from the process's schedule for log_snr."""
+        if mode == "t_over_T":
+            return
+        if self.kind == "egnn" or (mode == "log_snr" and not isinstance(self.process, VDM)):
+            raise ConfigError(f"model.time_input '{mode}' needs a DiT denoiser"
+                              + (" and the vdm process" if mode == "log_snr" else ""))
+        table = self.process.schedule._gamma64 if mode == "log_snr" else None
+        self.denoiser.time_input = TimeInput(mode, self.process.timesteps, table)
 
     def _build_egnn(self, mc: Any) -> None:
         """EDM's EGNN (symdiff/models/egnn.py): registered as ``egnn``, and the denoiser itself."""
@@ -258,14 +270,15 @@ class SymDiffModel(nn.Module):
 
     def denoise(self, z: torch.Tensor, mask: torch.Tensor, t: torch.Tensor, R: Optional[torch.Tensor] = None,
                 R0: Optional[torch.Tensor] = None, eta: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                generator: Optional[torch.Generator] = None, **cond: Any) -> torch.Tensor:
         """The symmetrised eps_hat(z_t, t) = [R pi(eps'_x(R^T x, h)), eps'_h(R^T x, h)] (SPEC §2.7).
 
         z: [B, N, 3 + d] normalised state, t: [B] (or scalar) in [0, 1]. R is drawn from gamma unless given
         (pass R=None with R0/eta to fix gamma's randomness instead). Unsymmetrised kinds use R = identity.
         z and the result are in the state dtype; only the eps-network's body runs in ``net_dtype``.
+        ``cond``: ``x_self`` [B, N, 3], the previous x-hat_0, for a self-conditioned denoiser (model.self_condition).
         """
-        return self.denoiser(z, mask, t, R=R, R0=R0, eta=eta, generator=generator)
+        return self.denoiser(z, mask, t, R=R, R0=R0, eta=eta, generator=generator, **cond)
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -200,6 +200,19 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: d}
 
 
+def recipe_defaults() -> dict[str, Any]:
+    """The recipe keys of issue 18 (dotted) at their defaults, the paper's: what a checkpoint without them ran."""
+    from omegaconf import OmegaConf
+
+    from symdiff.config import Config
+
+    d = OmegaConf.to_container(OmegaConf.structured(Config))
+    keys = ("model.time_input", "model.self_condition", "diffusion.t_sampling", "diffusion.t_low_noise_power",
+            "diffusion.loss_weight", "diffusion.loss_weight_min", "diffusion.loss_weight_max", "train.lr_schedule",
+            "train.lr_min_ratio")
+    return {k: d[k.split(".")[0]][k.split(".")[1]] for k in keys}
+
+
 def check_compatible(state: dict[str, Any], cfg: DictConfig, shapes: dict[str, tuple[int, ...]],
                      where: Path) -> None:
     """Raise CheckpointError naming every mismatched config key and parameter (name, shapes)."""
@@ -210,6 +223,10 @@ def check_compatible(state: dict[str, Any], cfg: DictConfig, shapes: dict[str, t
     new = _flatten({k: to_dict(cfg)[k] for k in ("model", "diffusion")})
     # Checkpoints written before diffusion.process existed are all of the one process there was then.
     old.setdefault("diffusion.process", "vdm")
+    # ... and those written before the recipe options (issue 18) with the paper's recipe, their defaults.
+    for key, value in recipe_defaults().items():
+        if key.startswith(("model.", "diffusion.")):
+            old.setdefault(key, value)
     # kernel_backend and linear_backend pick an implementation of the same maths; switching them is allowed (and
     # checkpoints written before linear_backend existed lack the key).
     for key in sorted(set(old) | set(new)):
@@ -217,10 +234,12 @@ def check_compatible(state: dict[str, Any], cfg: DictConfig, shapes: dict[str, t
             continue
         if old.get(key) != new.get(key):
             problems.append(f"config {key}: checkpoint {old.get(key)!r} vs now {new.get(key)!r}")
-    # train.amsgrad changes what the optimizer state holds (max_exp_avg_sq): refused. The other optimizer and
-    # schedule keys (lr, weight_decay, warmup_steps, clip_grad_norm) are applied on resume (trainer.py).
-    for key in ("data.dataset", "data.include_charges", "train.amsgrad"):
-        a, b = _flatten(state["config"]).get(key), _flatten(to_dict(cfg)).get(key)
+    # train.amsgrad changes what the optimizer state holds (max_exp_avg_sq), train.lr_schedule which scheduler's
+    # state was saved: refused. The other optimizer and schedule keys (lr, weight_decay, warmup_steps,
+    # clip_grad_norm) are applied on resume (trainer.py).
+    stored_all = {**recipe_defaults(), **_flatten(state["config"])}
+    for key in ("data.dataset", "data.include_charges", "train.amsgrad", "train.lr_schedule"):
+        a, b = stored_all.get(key), _flatten(to_dict(cfg)).get(key)
         if a != b:
             problems.append(f"config {key}: checkpoint {a!r} vs now {b!r}")
     stored = {k: tuple(v) for k, v in state["param_shapes"].items()}

@@ -81,11 +81,34 @@ def deepspeed_config(cfg: DictConfig, world_size: int, *, load_universal: bool =
         # breaks bitwise resume; there is no copy stream to overlap with on CPU anyway.
         ds["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": False,
                                         "overlap_comm": torch.cuda.is_available()})
-    if int(t.warmup_steps) > 0:
-        ds["scheduler"] = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": float(t.lr), "warmup_num_steps": int(t.warmup_steps),
-            "warmup_type": "linear"}}
+    scheduler = lr_scheduler(t)
+    if scheduler is not None:
+        ds["scheduler"] = scheduler
     return ds
+
+
+def lr_scheduler(t: DictConfig) -> dict[str, Any] | None:
+    """DeepSpeed's scheduler section for train.warmup_steps / lr_schedule / lr_min_ratio (None: constant lr).
+
+    A linear warm-up from 0, then constant (the paper), a cosine to lr * lr_min_ratio, or a linear decay to 0, both
+    reached at train.max_steps.
+    """
+    warmup, schedule = int(t.warmup_steps), str(getattr(t, "lr_schedule", "constant"))
+    if schedule == "constant":
+        if warmup == 0:
+            return None
+        return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": float(t.lr),
+                                               "warmup_num_steps": warmup, "warmup_type": "linear"}}
+    if schedule == "cosine":
+        # WarmupCosineLR refuses 0 warm-up steps; one step from 0 is as near to none as it allows
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": int(t.max_steps), "warmup_num_steps": max(1, warmup), "warmup_min_ratio": 0.0,
+            "cos_min_ratio": float(getattr(t, "lr_min_ratio", 0.01)), "warmup_type": "linear"}}
+    if schedule == "linear":
+        return {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": int(t.max_steps), "warmup_min_lr": 0.0, "warmup_max_lr": float(t.lr),
+            "warmup_num_steps": warmup, "warmup_type": "linear"}}
+    raise UserError(f"train.lr_schedule: expected constant|cosine|linear, got '{schedule}'")
 
 
 def init_distributed(timeout_min: float = 30.0) -> None:
