@@ -216,13 +216,6 @@ def read_shard(path: str | Path, start: int = 0, stop: Optional[int] = None) -> 
     return checked_set(str(path), arrays[0], arrays[1], off - a0, arrays[2], charges)
 
 
-def read_offsets(path: str | Path) -> np.ndarray:
-    """The whole offsets array of a shard (sizes for batch planning), validated like :func:`read_shard`."""
-    path = Path(path)
-    with _open_shard(path) as (ds, n_mols, n_atoms):
-        return _offsets_slice(path, ds, 0, n_mols, n_mols, n_atoms)
-
-
 class _open_shard:
     """``with _open_shard(p) as (arrays, n_molecules, n_atoms)``: the HDF5 datasets of a shard whose shapes and
     dtypes fit together (checked from metadata only, before any data is read). Errors become one-line DataErrors
