@@ -141,6 +141,36 @@ def test_with_the_object_index_a_rank_reads_only_its_own_objects(tmp_path: Path)
         list(reader.iter_parts(1, 2))
 
 
+class _RankZeroOfTwo:
+    """The communicator as rank 0 of 2 sees it: what it broadcasts is what every rank gets."""
+
+    def __init__(self) -> None:
+        self.sent: list = []
+
+    def Ibarrier(self):  # noqa: N802 (mpi4py's name)
+        return type("Done", (), {"Test": lambda self: True})()
+
+    def bcast(self, obj, root=0):
+        self.sent.append(obj)
+        return obj
+
+
+def test_rank_zero_that_cannot_read_the_file_still_broadcasts_so_no_rank_waits(tmp_path: Path, monkeypatch) -> None:
+    src = tmp_path / "drugs_crude.msgpack"
+    _make(src)
+    reader = geom.open_geom_source(src, shard_size=100, trust_pickle=False, split_smiles="none", split_seed=0,
+                                   permutation=None, conformers=30)
+
+    def unreadable() -> list[int]:
+        raise PermissionError(13, "Permission denied", str(src))
+
+    monkeypatch.setattr(reader, "object_bounds", unreadable)
+    reader.comm = comm = _RankZeroOfTwo()
+    with pytest.raises(geom.DataError, match="cannot read: Permission denied"):
+        list(reader.iter_parts(0, 2))
+    assert len(comm.sent) == 1 and comm.sent[0][0] is None and str(src) in comm.sent[0][1]
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) not installed")
 def test_mpi_build_of_a_truncated_file_is_one_line_on_every_rank(tmp_path: Path) -> None:
     src = tmp_path / "drugs_crude.msgpack"

@@ -212,10 +212,16 @@ class GeomMsgpack(_GeomSource):
         # as long as parsing its share at K >= 8); one pass on rank 0 and a broadcast make it once.
         bounds, err = None, None
         if rank == 0:
+            # Whatever stops the scan is broadcast: a rank 0 that raised here would leave the others waiting below,
+            # and its next collective (the build's gather) would meet their bcast.
             try:
                 bounds = self.object_bounds()
             except DataError as exc:
                 err = str(exc)
+            except OSError as exc:
+                err = f"{self.path}: cannot read: {exc.strerror or exc}"
+            except Exception as exc:
+                err = f"{self.path}: rank 0: {type(exc).__name__}: {exc}"
         req = self.comm.Ibarrier()
         while not req.Test():  # a sleeping wait: Open MPI's blocking bcast would spin on the core rank 0 scans with
             time.sleep(0.005)
