@@ -100,7 +100,9 @@ def lr_scheduler(t: DictConfig) -> dict[str, Any] | None:
         return {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": float(t.lr),
                                                "warmup_num_steps": warmup, "warmup_type": "linear"}}
     if schedule == "cosine":
-        # WarmupCosineLR refuses 0 warm-up steps; one step from 0 is as near to none as it allows
+        # WarmupCosineLR refuses 0 warm-up steps, and both it and WarmupDecayLR stretch any warm-up to at least 2
+        # steps (deepspeed/runtime/lr_schedules.py): with train.warmup_steps=0 the first step runs at lr 0 and the
+        # second at lr / 2, for cosine and linear alike
         return {"type": "WarmupCosineLR", "params": {
             "total_num_steps": int(t.max_steps), "warmup_num_steps": max(1, warmup), "warmup_min_ratio": 0.0,
             "cos_min_ratio": float(getattr(t, "lr_min_ratio", 0.01)), "warmup_type": "linear"}}
