@@ -29,8 +29,8 @@ def build_process(cfg: Any, d: int, num_classes: int, backend: str = "auto") -> 
     target = str(getattr(dc, "target", "standard"))
     if name in ("vdm", "vpsde"):
         extra = {"target": target, "target_options": target_options(dc)}
-    if name == "vdm":
-        extra["recipe"] = recipe_options(cfg)
+        if name == "vdm":
+            extra["recipe"] = recipe_options(cfg)
     elif target != "standard":
         raise ValueError(f"diffusion.target '{target}' needs a Gaussian forward kernel (vdm, vpsde), not {name}")
     return PROCESSES[name](d, num_classes, *nf, timesteps=int(dc.timesteps), schedule=str(dc.schedule),
