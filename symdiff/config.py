@@ -261,7 +261,7 @@ GAUSSIAN_PROCESSES = ("vdm", "vpsde")
 # diffusion.flow_align (symdiff/diffusion/flow.py ALIGNS): the flow process's prior-data coupling.
 FLOW_ALIGNS = ("none", "hungarian", "hungarian_kabsch")
 
-# The recipe options of issue 18 (symdiff/models/time_input.py TIME_INPUTS; symdiff/diffusion/vdm.py).
+# The recipe options of issue 18; symdiff/models/time_input.py and symdiff/diffusion/vdm.py check against these.
 TIME_INPUTS = ("t_over_T", "t_int", "log_snr")
 T_SAMPLINGS = ("uniform", "low_noise")
 LOSS_WEIGHTS = ("uniform", "snr_clamped")

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Optional
 
 import torch
 
+from symdiff.config import LOSS_WEIGHTS, T_SAMPLINGS
 from symdiff.diffusion import edm, vdm_samplers
 from symdiff.diffusion.process import Process
 from symdiff.diffusion.quotient import training_target
@@ -74,10 +75,10 @@ class VDM(Process):
                  recipe: Optional[Recipe] = None) -> None:
         super().__init__()
         self.recipe = recipe or Recipe()
-        if self.recipe.t_sampling not in ("uniform", "low_noise"):
-            raise ValueError(f"t_sampling '{self.recipe.t_sampling}' is not one of uniform, low_noise")
-        if self.recipe.loss_weight not in ("uniform", "snr_clamped"):
-            raise ValueError(f"loss_weight '{self.recipe.loss_weight}' is not one of uniform, snr_clamped")
+        if self.recipe.t_sampling not in T_SAMPLINGS:
+            raise ValueError(f"t_sampling '{self.recipe.t_sampling}' is not one of {', '.join(T_SAMPLINGS)}")
+        if self.recipe.loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"loss_weight '{self.recipe.loss_weight}' is not one of {', '.join(LOSS_WEIGHTS)}")
         self._set_target(target, target_options)
         self.d, self.num_classes = int(d), int(num_classes)
         self.norm_x, self.norm_cat, self.norm_int = float(norm_x), float(norm_cat), float(norm_int)

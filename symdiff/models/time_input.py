@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-TIME_INPUTS = ("t_over_T", "t_int", "log_snr")
+from symdiff.config import TIME_INPUTS
 
 
 class TimeInput(nn.Module):
