@@ -93,10 +93,9 @@ def _os_error_line(exc: OSError) -> str:
     return f"{' -> '.join(names)}: {what}" if names else what
 
 
-def _say_error(line: str) -> None:
-    """Print the one-line error, or, in a rank of `--nproc`, hand it to the launcher (which prints each distinct
-    line once instead of once per rank)."""
-    folder = os.environ.get("SYMDIFF_LAUNCH_ERRORS")  # symdiff.train.launch.ERRORS_DIR, without importing it
+def _say_error(line: str, folder: Optional[str]) -> None:
+    """Print the one-line error, or, in a rank of `--nproc` (``folder`` set), hand it to the launcher (which prints
+    each distinct line once instead of once per rank)."""
     if folder and os.path.isdir(folder):
         from symdiff.io.atomic import atomic_write_text
 
@@ -114,10 +113,13 @@ def run_guarded(command: str, work: Callable[[], Optional[int]]) -> int:
     USER_OS_ERRNOS (full disk, permissions, missing or wrong-kind paths) -> 1, naming the file; out of memory -> 1.
     Anything else is a bug of ours and keeps its traceback."""
     prefix = f"symdiff {command}" if command in SUBCOMMANDS else "symdiff"
+    # symdiff.train.launch.ERRORS_DIR, read without importing it; taken out of the environment so that a command
+    # this one starts prints its own errors instead of writing them to this rank's file
+    folder = os.environ.pop("SYMDIFF_LAUNCH_ERRORS", None)
     try:
         return int(work() or 0)
     except UserError as exc:
-        _say_error(f"{prefix}: error: {exc}")
+        _say_error(f"{prefix}: error: {exc}", folder)
         return 1
     except KeyboardInterrupt:
         print(f"\n{prefix}: interrupted", file=sys.stderr)
@@ -132,16 +134,16 @@ def run_guarded(command: str, work: Callable[[], Optional[int]]) -> int:
     except OSError as exc:
         if exc.errno not in USER_OS_ERRNOS or _inside_package(exc.filename):
             raise
-        _say_error(f"{prefix}: error: {_os_error_line(exc)}")
+        _say_error(f"{prefix}: error: {_os_error_line(exc)}", folder)
         return 1
     except MemoryError:
-        _say_error(f"{prefix}: error: out of memory (try a smaller --batch-size or --n)")
+        _say_error(f"{prefix}: error: out of memory (try a smaller --batch-size or --n)", folder)
         return 1
     except RuntimeError as exc:
         # torch.cuda.OutOfMemoryError, matched by name so the CLI does not import torch for every command
         if type(exc).__name__ != "OutOfMemoryError":
             raise
-        _say_error(f"{prefix}: error: {str(exc).splitlines()[0]} (try a smaller --batch-size)")
+        _say_error(f"{prefix}: error: {str(exc).splitlines()[0]} (try a smaller --batch-size)", folder)
         return 1
 
 
