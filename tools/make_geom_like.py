@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from symdiff.data.geom import default_split_smiles_dir
+from symdiff.data.geom import default_smiles_files
+from symdiff.errors import UserError
 from symdiff.data.geom_like import make_geom_like
 
 
@@ -26,13 +27,11 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
-    smiles = a.smiles
-    if smiles is None:
-        d = default_split_smiles_dir()
-        if d is None:
-            print("no --smiles given and ../shared/data/geom_drugs not found", file=sys.stderr)
-            return 1
-        smiles = [d / f"midi_split_smiles_{s}.txt.gz" for s in ("train", "val", "test")]
+    try:
+        smiles = a.smiles if a.smiles is not None else default_smiles_files("make_geom_like")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     stats = make_geom_like(smiles, a.out, n_molecules=a.n_molecules, conformers=a.conformers, seed=a.seed,
                            workers=a.workers)
     print(json.dumps({"out": str(a.out), "synthetic": True, **stats}))

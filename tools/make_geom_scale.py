@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from symdiff.data.geom import MIDI_FILES, default_split_smiles_dir
+from symdiff.data.geom import default_smiles_files
+from symdiff.errors import UserError
 from symdiff.data.geom_scale import make_geom_scale, read_smiles
 
 
@@ -30,13 +31,11 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=1)
     a = p.parse_args()
-    files = a.smiles
-    if files is None:
-        d = default_split_smiles_dir()
-        if d is None:
-            print("make_geom_scale: error: no --smiles given and ../shared/data/geom_drugs not found", file=sys.stderr)
-            return 1
-        files = [d / name for name in MIDI_FILES.values()]
+    try:
+        files = a.smiles if a.smiles is not None else default_smiles_files("make_geom_scale")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     missing = [f for f in files if not Path(f).is_file()]
     if missing:
         print(f"make_geom_scale: error: {missing[0]}: SMILES list not found", file=sys.stderr)

@@ -48,6 +48,14 @@ def default_split_smiles_dir() -> Optional[Path]:
     return None
 
 
+def default_smiles_files(tool: str) -> list[Path]:
+    """The three MiDi split lists (real GEOM-Drugs SMILES) that the synthetic GEOM generators read by default."""
+    d = default_split_smiles_dir()
+    if d is None:
+        raise UserError(f"{tool}: no --smiles given and ../shared/data/geom_drugs (or $SYMDIFF_SHARED) not found")
+    return [d / name for name in MIDI_FILES.values()]
+
+
 class SmilesSplitter:
     """Molecule-level (leak-free) split: MiDi lists where they know the SMILES, a seeded hash elsewhere."""
 
