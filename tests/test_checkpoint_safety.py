@@ -259,6 +259,24 @@ def test_trust_pickle_is_the_explicit_way_out(export, tmp_path, capsys):
     assert main([*args, "--trust-pickle"]) == 0 and out.is_file()
 
 
+def test_without_the_flag_no_file_is_fully_unpickled(export, tmp_path, monkeypatch, caplog):
+    # every torch.load on the way from a checkpoint to molecules is weights-only unless --trust-pickle is given
+    calls, real = [], torch.load
+
+    def spy(*a, **k):
+        calls.append(k.get("weights_only"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "load", spy)
+    out = tmp_path / "mols.xyz"
+    args = ["sample", "--ckpt", str(export), "--n", "1", "--steps", "2", "--out", str(out), "--no-progress"]
+    assert main(args) == 0 and calls and all(c is True for c in calls), calls
+    calls.clear()
+    with caplog.at_level("WARNING", logger="symdiff.train.safe_load"):
+        assert main([*args, "--overwrite", "--trust-pickle"]) == 0
+    assert False in calls and "--trust-pickle: opened with torch's full unpickler" in caplog.text
+
+
 # ------------------------------------------------------------------------------------------- no silent fallback
 
 

@@ -9,6 +9,7 @@ user trusts.
 """
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 import zipfile
@@ -19,6 +20,8 @@ import numpy as np
 import torch
 
 from symdiff.errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 _np_core = getattr(np, "_core", None) or np.core
 # numpy's MT19937 state (a uint32 key array) in rank files written before RNG states were stored as tensors.
@@ -61,8 +64,8 @@ def load(path: str | Path, *, allow: Iterable = (), trust_pickle: bool = False, 
     at all. ``mmap=True`` maps tensor data instead of reading it (for files that are only being checked)."""
     path = Path(path)
     try:
-        if trust_pickle:  # only ever True from the user's explicit --trust-pickle
-            return torch.load(path, map_location="cpu", weights_only=False)
+        if trust_pickle is True:  # only ever from the user's explicit --trust-pickle, never a truthy default
+            return _load_trusted(path)
         with torch.serialization.safe_globals(list(allow)), warnings.catch_warnings():
             # the refusal below says what matters; torch's note on a plain pickle's protocol would be a second line
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -75,6 +78,13 @@ def load(path: str | Path, *, allow: Iterable = (), trust_pickle: bool = False, 
         if refusal is None:
             raise CheckpointError(f"{path}: not a readable torch checkpoint file ({_first_line(exc)})") from None
         raise CheckpointError(f"{path}: refused to load: {refusal}; {TRUST_HINT}") from None
+
+
+def _load_trusted(path: Path) -> Any:
+    """The one full unpickle in the package, reached only through --trust-pickle; says so on stderr each time, so a
+    log shows which file's code was allowed to run."""
+    log.warning("%s: --trust-pickle: opened with torch's full unpickler (any code in the file runs)", path)
+    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def check_files(paths: Iterable[Path], allow: Iterable = ()) -> None:
