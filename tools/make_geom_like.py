@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from symdiff.data.geom import default_smiles_files
+from symdiff.data.geom import smiles_files
 from symdiff.errors import UserError
 from symdiff.data.geom_like import make_geom_like
 
@@ -28,9 +28,9 @@ def main() -> int:
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     try:
-        smiles = a.smiles if a.smiles is not None else default_smiles_files("make_geom_like")
+        smiles = smiles_files(a.smiles)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"make_geom_like: error: {exc}", file=sys.stderr)
         return 1
     stats = make_geom_like(smiles, a.out, n_molecules=a.n_molecules, conformers=a.conformers, seed=a.seed,
                            workers=a.workers)

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from symdiff.data.geom import default_smiles_files
+from symdiff.data.geom import smiles_files
 from symdiff.errors import UserError
 from symdiff.data.geom_scale import make_geom_scale, read_smiles
 
@@ -32,13 +32,9 @@ def main() -> int:
     p.add_argument("--workers", type=int, default=1)
     a = p.parse_args()
     try:
-        files = a.smiles if a.smiles is not None else default_smiles_files("make_geom_scale")
+        files = smiles_files(a.smiles)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    missing = [f for f in files if not Path(f).is_file()]
-    if missing:
-        print(f"make_geom_scale: error: {missing[0]}: SMILES list not found", file=sys.stderr)
+        print(f"make_geom_scale: error: {exc}", file=sys.stderr)
         return 1
     smiles = read_smiles(files, seed=a.seed)[:a.n_molecules]
     stats = make_geom_scale(smiles, a.out, molecules_per_object=a.molecules_per_object,

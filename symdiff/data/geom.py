@@ -19,7 +19,7 @@ import os
 import pickle
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import msgpack
 import numpy as np
@@ -48,12 +48,18 @@ def default_split_smiles_dir() -> Optional[Path]:
     return None
 
 
-def default_smiles_files(tool: str) -> list[Path]:
-    """The three MiDi split lists (real GEOM-Drugs SMILES) that the synthetic GEOM generators read by default."""
-    d = default_split_smiles_dir()
-    if d is None:
-        raise UserError(f"{tool}: no --smiles given and ../shared/data/geom_drugs (or $SYMDIFF_SHARED) not found")
-    return [d / name for name in MIDI_FILES.values()]
+def smiles_files(given: Optional[Sequence[Path]]) -> list[Path]:
+    """The SMILES lists a synthetic GEOM generator reads: ``given``, else the three MiDi split lists (real GEOM-Drugs
+    SMILES); a missing one is a UserError naming it."""
+    if given is None:
+        d = default_split_smiles_dir()
+        if d is None:
+            raise UserError("no --smiles given and ../shared/data/geom_drugs (or $SYMDIFF_SHARED) not found")
+        return [d / name for name in MIDI_FILES.values()]
+    for f in given:
+        if not Path(f).is_file():
+            raise UserError(f"{f}: SMILES list not found")
+    return [Path(f) for f in given]
 
 
 class SmilesSplitter:
