@@ -383,3 +383,13 @@ def test_loader_refuses_a_bad_shard_in_one_line(tmp_path, dataset):
     shard = _rewrite_shard(d, _replace("offsets", lambda v: None))
     with pytest.raises(DataError, match=f"{shard}: 'offsets' is an HDF5 group"):
         ShardLoader(d, "test", batch_size=8)
+
+
+def test_one_line_squeezes_a_library_message_and_names_the_type_when_it_is_empty():
+    # shards, the shard reader and the npz readers all print library errors through this one helper
+    from symdiff.errors import one_line
+
+    assert one_line(OSError("unable to open file\n  (truncated)\n\tmajor = 'File accessibility'")) == (
+        "unable to open file (truncated) major = 'File accessibility'")
+    assert one_line(ValueError("x" * 500)) == "x" * 200
+    assert one_line(EOFError()) == "EOFError"

@@ -22,9 +22,9 @@ import h5py
 import numpy as np
 
 from symdiff.data.molecules import MoleculeSet
-from symdiff.data.shards import _offsets_slice, _one_line, _open_shard
+from symdiff.data.shards import open_shard, read_offsets
 from symdiff.data.validate import checked_set
-from symdiff.errors import DataError
+from symdiff.errors import DataError, one_line
 
 
 MAX_OPEN_FILES = 256
@@ -53,13 +53,13 @@ class Shard:
     def __init__(self, path: str | Path, *, ids_up_front: bool = False) -> None:
         self.path = Path(path)
         self.mol_ids: Optional[np.ndarray] = None
-        with _open_shard(self.path) as (ds, n_mols, n_atoms):
-            self.offsets = _offsets_slice(self.path, ds, 0, n_mols, n_mols, n_atoms)
+        with open_shard(self.path) as (ds, n_mols, n_atoms):
+            self.offsets = read_offsets(self.path, ds, 0, n_mols, n_mols, n_atoms)
             if ids_up_front:
                 try:
                     self.mol_ids = ds["mol_ids"][()]
                 except (OSError, ValueError, TypeError) as exc:
-                    raise DataError(f"{self.path}: cannot read array 'mol_ids': {_one_line(exc)}") from None
+                    raise DataError(f"{self.path}: cannot read array 'mol_ids': {one_line(exc)}") from None
             self.arrays = {name: _Array(name, d.dtype, tuple(d.shape[1:]), _direct_offset(d))
                            for name, d in ds.items() if name != "offsets"}
         self.n_molecules, self.n_atoms = int(n_mols), int(n_atoms)
@@ -108,12 +108,12 @@ class Shard:
             try:
                 self._h5 = h5py.File(self.path, "r")
             except OSError as exc:
-                raise DataError(f"{self.path}: not a readable HDF5 shard: {_one_line(exc)}") from None
+                raise DataError(f"{self.path}: not a readable HDF5 shard: {one_line(exc)}") from None
         ds = self._h5[name]
         try:
             parts = [ds[s:e] for s, e in zip(starts.tolist(), stops.tolist())]
         except (OSError, ValueError, TypeError) as exc:
-            raise DataError(f"{self.path}: cannot read array '{name}': {_one_line(exc)}") from None
+            raise DataError(f"{self.path}: cannot read array '{name}': {one_line(exc)}") from None
         return np.concatenate(parts) if parts else np.zeros(out_shape, dtype)
 
     def close(self) -> None:

@@ -27,7 +27,7 @@ from symdiff.data.manifest import FORMAT, MANIFEST, read_manifest  # noqa: F401 
 from symdiff.data.molecules import MoleculeSet
 from symdiff.data.publish import publish, temp_dir_for  # noqa: F401  (re-exported)
 from symdiff.data.validate import checked_set
-from symdiff.errors import DataError
+from symdiff.errors import DataError, one_line
 
 ARRAYS = ("atomic_numbers", "positions", "offsets", "mol_ids")
 
@@ -204,20 +204,20 @@ def split_entry(man: dict[str, Any], split: str, root: str | Path) -> dict[str, 
 def read_shard(path: str | Path, start: int = 0, stop: Optional[int] = None) -> MoleculeSet:
     """Molecules ``start:stop`` of one shard (contiguous slices only: one read per array), validated."""
     path = Path(path)
-    with _open_shard(path) as (ds, n_mols, n_atoms):
+    with open_shard(path) as (ds, n_mols, n_atoms):
         stop = n_mols if stop is None else min(stop, n_mols)
-        off = _offsets_slice(path, ds, start, stop, n_mols, n_atoms)
+        off = read_offsets(path, ds, start, stop, n_mols, n_atoms)
         a0, a1 = int(off[0]), int(off[-1])
         try:
             charges = ds["formal_charges"][a0:a1] if "formal_charges" in ds else None
             arrays = (ds["atomic_numbers"][a0:a1], ds["positions"][a0:a1], ds["mol_ids"][start:stop])
         except (OSError, ValueError, TypeError) as exc:
-            raise DataError(f"{path}: cannot read shard: {_one_line(exc)}") from None
+            raise DataError(f"{path}: cannot read shard: {one_line(exc)}") from None
     return checked_set(str(path), arrays[0], arrays[1], off - a0, arrays[2], charges)
 
 
-class _open_shard:
-    """``with _open_shard(p) as (arrays, n_molecules, n_atoms)``: the HDF5 datasets of a shard whose shapes and
+class open_shard:
+    """``with open_shard(p) as (arrays, n_molecules, n_atoms)``: the HDF5 datasets of a shard whose shapes and
     dtypes fit together (checked from metadata only, before any data is read). Errors become one-line DataErrors
     naming the file."""
 
@@ -232,7 +232,7 @@ class _open_shard:
         try:
             self.f = h5py.File(p, "r")
         except OSError as exc:
-            raise DataError(f"{p}: not a readable HDF5 shard (truncated or damaged?): {_one_line(exc)}") from None
+            raise DataError(f"{p}: not a readable HDF5 shard (truncated or damaged?): {one_line(exc)}") from None
         try:
             return self._shapes()
         except BaseException:
@@ -271,24 +271,20 @@ class _open_shard:
         self.f.close()
 
 
-def _offsets_slice(path: Path, ds: dict[str, h5py.Dataset], start: int, stop: int, n_mols: int, n_atoms: int
-                   ) -> np.ndarray:
+def read_offsets(path: Path, ds: dict[str, h5py.Dataset], start: int, stop: int, n_mols: int, n_atoms: int
+                 ) -> np.ndarray:
     """``offsets[start:stop + 1]`` checked: non-decreasing, inside ``0..n_atoms``, exact at the shard's ends."""
     if not 0 <= start <= stop <= n_mols:
         raise DataError(f"{path}: molecules {start}:{stop} requested, the shard holds {n_mols}")
     try:
         off = ds["offsets"][start:stop + 1].astype(np.int64)
     except (OSError, ValueError, TypeError) as exc:
-        raise DataError(f"{path}: cannot read shard offsets: {_one_line(exc)}") from None
+        raise DataError(f"{path}: cannot read shard offsets: {one_line(exc)}") from None
     bad = ((start == 0 and off[0] != 0) or (stop == n_mols and off[-1] != n_atoms)
            or off[0] < 0 or off[-1] > n_atoms or np.any(np.diff(off) < 0))
     if bad:
         raise DataError(f"{path}: array 'offsets' is not a non-decreasing 0..{n_atoms} sequence")
     return off
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
 
 
 def read_split(root: str | Path, split: str) -> MoleculeSet:

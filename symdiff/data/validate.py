@@ -14,7 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from symdiff.data.molecules import MoleculeSet
-from symdiff.errors import DataError
+from symdiff.errors import DataError, one_line
 
 MAX_Z = 118
 
@@ -35,7 +35,7 @@ def open_npz(path: Path) -> Any:
     try:
         z = np.load(path, allow_pickle=False)
     except Exception as exc:  # numpy raises several types for an empty, truncated or foreign file
-        raise DataError(f"{path}: cannot open as .npz: {_short(exc)}") from None
+        raise DataError(f"{path}: cannot open as .npz: {one_line(exc)}") from None
     return z
 
 
@@ -46,11 +46,7 @@ def npz_array(z: Any, path: Path, key: str) -> np.ndarray:
     try:
         return z[key]
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: array '{key}' is unreadable (damaged file?): {_short(exc)}") from None
-
-
-def _short(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"{path}: array '{key}' is unreadable (damaged file?): {one_line(exc)}") from None
 
 
 # ------------------------------------------------------------------------------------------------------ arrays
