@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -75,3 +76,14 @@ def test_table_stays_float64_when_the_model_is_cast():
     s = NoiseSchedule().bfloat16()
     assert s.table.dtype == torch.float64
     torch.testing.assert_close(s.table, NoiseSchedule().table, atol=0, rtol=0)
+
+
+def test_gamma64_is_the_float64_table_and_a_copy():
+    """model.time_input keeps the array it gets: editing it must not move the schedule the process samples with."""
+    s = NoiseSchedule().bfloat16()
+    g = s.gamma64
+    assert g.dtype == np.float64
+    np.testing.assert_array_equal(g, s.table.numpy())
+    g[:] = 0.0
+    np.testing.assert_array_equal(s.gamma64, NoiseSchedule().table.numpy())
+    assert float(s.gamma(torch.tensor(0))) == pytest.approx(-11.5129, abs=6e-4)

@@ -46,6 +46,15 @@ class NoiseSchedule(nn.Module):
             self.table = torch.from_numpy(self._gamma64).to(self.table.device)
         return self
 
+    @property
+    def gamma64(self) -> np.ndarray:
+        """gamma(t) for t = 0..T as a float64 numpy array, a copy (editing it cannot change the schedule).
+
+        For consumers outside the module tree (model.time_input's log-SNR): they need the exact float64 values
+        whatever dtype or device the model was cast to, without reading the buffer back from the GPU.
+        """
+        return self._gamma64.copy()
+
     def gamma(self, t_int: torch.Tensor) -> torch.Tensor:
         """gamma at integer times (any shape), float64."""
         return self.table[t_int.long()]

@@ -157,7 +157,7 @@ class SymDiffModel(nn.Module):
         if self.kind == "egnn" or (mode == "log_snr" and not isinstance(self.process, VDM)):
             raise ConfigError(f"model.time_input '{mode}' needs a DiT denoiser"
                               + (" and the vdm process" if mode == "log_snr" else ""))
-        table = self.process.schedule._gamma64 if mode == "log_snr" else None
+        table = self.process.schedule.gamma64 if mode == "log_snr" else None
         self.denoiser.time_input = TimeInput(mode, self.process.timesteps, table)
 
     def _build_egnn(self, mc: Any) -> None:
