@@ -133,8 +133,8 @@ def test_resume_reads_only_the_rest_of_the_window(root, monkeypatch):
     resumed.load_state_dict(state)
     rest = next(iter(resumed))
     assert torch.equal(rest.positions, ref_batches[stop].positions)
-    window_end = next(i for i, n in enumerate(np.cumsum([len(w.batches) for w in resumed._plan(0)])) if n > stop)
-    n_in_window = int(np.cumsum([len(w.batches) for w in resumed._plan(0)])[window_end])
+    window_end = next(i for i, n in enumerate(np.cumsum([len(w) for w in resumed._plan(0)])) if n > stop)
+    n_in_window = int(np.cumsum([len(w) for w in resumed._plan(0)])[window_end])
     want = np.unique(np.concatenate([resumed._my_share(b) for b in resumed.global_batches()[stop:n_in_window]]))
     assert np.array_equal(np.sort(_indices(resumed, asked)), want)
 

@@ -22,7 +22,6 @@ batches, and a run on 1 or 8 ranks consumes the same molecules per optimiser ste
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -37,11 +36,6 @@ from symdiff.errors import DataError
 
 log = logging.getLogger(__name__)
 IDS_UP_FRONT_MAX_WORLD = 8
-
-
-@dataclass
-class _Window:
-    batches: list[np.ndarray]  # global molecule indices of each global batch
 
 
 class ShardLoader:
@@ -85,17 +79,19 @@ class ShardLoader:
         self.chunk_len = np.minimum(self.chunk_size, counts[shard_of] - local * self.chunk_size)
         self.epoch = 0
         self._next_batch = 0  # global batch index inside the epoch
-        self._plan_cache: tuple[int, list[_Window]] | None = None
+        self._plan_cache: tuple[int, list[list[np.ndarray]]] | None = None
         self.stats = {"batches": 0, "molecules": 0, "atoms": 0, "slots": 0}
 
     # ------------------------------------------------------------------ planning (sizes only, no atom data)
-    def _plan(self, epoch: int) -> list[_Window]:
+    def _plan(self, epoch: int) -> list[list[np.ndarray]]:
+        """Per window, the global molecule indices of each of its global batches. Kept grouped by window because a
+        window's batches are read together, and resume skips whole windows."""
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1]
         rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
         n_chunks = len(self.chunk_start)
         order = rng.permutation(n_chunks) if self.shuffle else np.arange(n_chunks)
-        windows: list[_Window] = []
+        windows: list[list[np.ndarray]] = []
         carry = np.zeros(0, dtype=np.int64)
         for w0 in range(0, n_chunks, self.window_chunks):
             chunks = order[w0:w0 + self.window_chunks]
@@ -105,7 +101,7 @@ class ShardLoader:
                 mols = mols[rng.permutation(len(mols))]
             last = w0 + self.window_chunks >= n_chunks
             if self.max_atoms > 0:
-                windows.append(_Window(self._token_batches(mols, rng)))
+                windows.append(self._token_batches(mols, rng))
             else:
                 stream = np.concatenate([carry, mols])
                 n_full = len(stream) // self.batch_size
@@ -113,7 +109,7 @@ class ShardLoader:
                 rest = stream[n_full * self.batch_size:]
                 if last and len(rest) and not self.drop_last:
                     batches.append(rest)
-                windows.append(_Window(batches))
+                windows.append(batches)
                 carry = rest
         self._plan_cache = (epoch, windows)
         return windows
@@ -142,10 +138,10 @@ class ShardLoader:
 
     def global_batches(self, epoch: Optional[int] = None) -> list[np.ndarray]:
         """Global molecule indices (into the split, in shard order) of every global batch of the epoch."""
-        return [b for w in self._plan(self.epoch if epoch is None else epoch) for b in w.batches]
+        return [b for w in self._plan(self.epoch if epoch is None else epoch) for b in w]
 
     def __len__(self) -> int:
-        return sum(len(w.batches) for w in self._plan(self.epoch))
+        return sum(len(w) for w in self._plan(self.epoch))
 
     # ------------------------------------------------------------------ state
     def set_epoch(self, epoch: int) -> None:
@@ -199,12 +195,12 @@ class ShardLoader:
         windows = self._plan(self.epoch)
         k = 0
         for win in windows:
-            if k + len(win.batches) <= self._next_batch:  # skip whole windows before the resume point
-                k += len(win.batches)
+            if k + len(win) <= self._next_batch:  # skip whole windows before the resume point
+                k += len(win)
                 continue
             skip = max(0, self._next_batch - k)
             k += skip
-            shares = [self._my_share(idx) for idx in win.batches[skip:]]
+            shares = [self._my_share(idx) for idx in win[skip:]]
             # This rank's molecules of the rest of the window, and nothing else: the only data it reads.
             need = np.unique(np.concatenate(shares))
             loaded = self._read(need)
