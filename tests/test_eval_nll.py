@@ -66,6 +66,21 @@ def test_split_nll_counts_every_molecule_and_is_reproducible(tmp_path, shards):
     assert a["nll"] - a["nll_unlabelled"] == pytest.approx(a["log_labellings"], rel=1e-12) and sizes.min() > 2
 
 
+def test_max_molecules_scores_the_first_molecules_of_the_pass(tmp_path, shards):
+    from symdiff.data.loader import ShardLoader
+
+    _, model, _ = _export(tmp_path, shards)
+    loader = ShardLoader(shards, "test", batch_size=10, shuffle=False)
+    r = split_nll(model, lambda p: iter(loader), seed=5, max_molecules=13)
+    assert r["n_molecules"] == 13
+    first, second = list(ShardLoader(shards, "test", batch_size=10, shuffle=False))[:2]
+    head = type(second)(**{k: None if v is None else v[:3] for k, v in vars(second).items()})
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        want = torch.cat([model.nll(first, generator=g), model.nll(head, generator=g)]).double().mean().item()
+    assert r["nll"] == pytest.approx(want, rel=1e-12)
+
+
 def test_nll_cli(tmp_path, shards, capsys):
     _, _, path = _export(tmp_path, shards)
     out = tmp_path / "nll.json"

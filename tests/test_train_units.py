@@ -102,6 +102,23 @@ def test_micro_batch_shards_do_not_depend_on_world_size(tmp_path):
                                   np.sort(batch.mol_ids.numpy()))
 
 
+def test_batch_select_takes_molecules_in_order_and_trims_only_when_asked():
+    from symdiff.data.batch import Batch
+
+    n = torch.tensor([2, 5, 3])
+    mask = torch.arange(5)[None] < n[:, None]
+    z = torch.where(mask, 6, 0)
+    batch = Batch(positions=torch.randn(3, 5, 3), atomic_numbers=z, mask=mask, formal_charges=None,
+                  mol_ids=torch.tensor([10, 11, 12]), n_atoms=n)
+    two = batch.select(torch.tensor([2, 0]), trim=True)
+    assert two.mol_ids.tolist() == [12, 10] and two.n_atoms.tolist() == [3, 2] and two.formal_charges is None
+    assert two.positions.shape == (2, 3, 3) and two.positions.is_contiguous()
+    assert torch.equal(two.positions, batch.positions[[2, 0], :3]) and torch.equal(two.mask, mask[[2, 0], :3])
+    head = batch.select(slice(0, 2))  # split_nll's max_molecules: padding kept, a view
+    assert head.positions.shape == (2, 5, 3) and head.positions.data_ptr() == batch.positions.data_ptr()
+    assert torch.equal(head.atomic_numbers, z[:2])
+
+
 def test_launcher_reports_the_failing_ranks_code_not_the_kill_of_the_others(tmp_path, monkeypatch):
     """Every rank hits the same bad input; the first to exit must not get the others SIGKILLed while they report
     it (the launcher answered 137 instead of 1). A rank that hangs after a failure is still stopped."""

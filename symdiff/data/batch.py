@@ -27,6 +27,19 @@ class Batch:
     def __len__(self) -> int:
         return int(self.n_atoms.shape[0])
 
+    def select(self, idx: torch.Tensor | slice, *, trim: bool = False) -> "Batch":
+        """Molecules ``idx`` (index tensor or slice, in that order); with ``trim`` the padding is cut to the largest
+        of them. Without it the width is kept, so a prefix ``select(slice(0, k))`` is a view of this batch."""
+        n_atoms = self.n_atoms[idx]
+        width = int(n_atoms.max()) if trim and len(n_atoms) else None
+        out = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            # Per-molecule fields are [B], per-atom ones [B, Nmax, ...]. One indexing op for the latter (not [idx]
+            # then [:, :width]): a trimmed field comes out compact, not as a strided view into a full-width copy.
+            out[f.name] = None if t is None else t[idx] if t.dim() == 1 else t[idx, :width]
+        return Batch(**out)
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         moved = {f.name: (None if getattr(self, f.name) is None
                           else getattr(self, f.name).to(device, non_blocking=non_blocking)) for f in fields(self)}

@@ -17,18 +17,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import fields
 from typing import Any, Iterable, Optional
 
 import torch
 
 from symdiff.errors import UserError
-
-
-def _head(batch: Any, k: int) -> Any:
-    """The first ``k`` molecules of a batch."""
-    return type(batch)(**{f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name)[:k]
-                          for f in fields(batch)})
 
 
 def split_nll(model: Any, batches_for_pass: Any, passes: int = 1, device: str | torch.device = "cpu",
@@ -60,7 +53,8 @@ def split_nll(model: Any, batches_for_pass: Any, passes: int = 1, device: str | 
                     if max_molecules is not None:
                         if count >= max_molecules:
                             break
-                        batch = _head(batch, max_molecules - count) if count + len(batch) > max_molecules else batch
+                        if count + len(batch) > max_molecules:
+                            batch = batch.select(slice(0, max_molecules - count))
                     log_lab += float(torch.lgamma(batch.mask.sum(1).double() + 1).sum())
                     v, terms = model.nll(batch.to(device), generator=generator, return_terms=True, **(options or {}))
                     if "nfe" in terms:  # an ODE likelihood: its field evaluations, the measure of its cost

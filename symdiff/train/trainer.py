@@ -63,11 +63,7 @@ def split_batch(batch: Batch, n: int, by_size: bool = False) -> list[Batch]:
         idx = order[j::n]
         if len(idx) == 0:
             idx = order[[j % len(batch)]]  # never hand the model an empty batch
-        width = int(batch.n_atoms[idx].max())
-        out.append(Batch(positions=batch.positions[idx, :width], atomic_numbers=batch.atomic_numbers[idx, :width],
-                         mask=batch.mask[idx, :width],
-                         formal_charges=None if batch.formal_charges is None else batch.formal_charges[idx, :width],
-                         mol_ids=batch.mol_ids[idx], n_atoms=batch.n_atoms[idx]))
+        out.append(batch.select(idx, trim=True))
     return out
 
 
