@@ -119,6 +119,34 @@ def plot(runs: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+PROTOCOL = ("steps", "overrides", "nll_molecules", "samples", "sample_steps", "data")
+
+
+def merge(files: list[Path], stem: str, save) -> int:
+    """One table from benchmark runs split over processes (e.g. one per core), refused when their protocols differ."""
+    parts = [json.loads(f.read_text()) for f in files]
+    for f, part in zip(files[1:], parts[1:]):
+        differ = [k for k in PROTOCOL if part.get(k) != parts[0].get(k)]
+        if differ:
+            raise SystemExit(f"{f}: protocol differs from {files[0]} in {', '.join(differ)}")
+    res = {**{k: parts[0][k] for k in ("benchmark", *PROTOCOL)}, "merged_from": [f.name for f in files],
+           "parts": [{"file": f.name, "commit": p["commit"], "machine": p["machine"],
+                      "load_average_end": p.get("load_average_end")} for f, p in zip(files, parts)],
+           "machine": parts[0]["machine"], "commit": parts[0]["commit"],
+           "runs": [r for p in parts for r in p["runs"]]}
+    res["seeds"] = sorted({r["seed"] for r in res["runs"]})
+    res["summary"] = summarise(res["runs"])
+    png = REPO / "benchmarks" / "results" / f"{stem}.png"
+    plot(res["runs"], png)
+    method = (f"Pooled from {', '.join(res['merged_from'])} (runs split over processes); each: `symdiff train` for "
+              f"{res['steps']} steps (overrides {' '.join(res['overrides']) or 'none'}), `symdiff sample` "
+              f"({res['samples']} molecules, {res['sample_steps']} steps), `symdiff eval`, `symdiff eval --nll` "
+              f"({res['nll_molecules']} test molecules); mean ± std over seeds. Loss curves: {png.name}.")
+    save(res, stem, "Ablation at a CPU budget: every variant, same steps", method, table(res["summary"]))
+    print("\n".join(table(res["summary"])))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=VARIANTS,
@@ -132,8 +160,13 @@ def main() -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                     help="config overrides for every training run (e.g. train.ema_decay=0.99)")
     ap.add_argument("--out-stem", default=None)
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="run nothing: pool the runs of these result files (same protocol) into --out-stem")
     args = ap.parse_args()
     from _machine import git_commit, machine, save
+
+    if args.merge:
+        return merge([Path(f) for f in args.merge], args.out_stem or "quality_merged", save)
 
     commit, date = git_commit(), dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
     stem = args.out_stem or f"quality_qm9_tiny_{date}"
