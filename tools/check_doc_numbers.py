@@ -178,6 +178,28 @@ def _quotient_checks(doc: str) -> list[Check]:
 
 
 QUOTIENT_TRAIN = "quotient_train_qm9_2026-12-01.json"
+QUALITY = "quality_qm9_tiny_2026-12-01.json"
+PAPER_QUALITY = "paper_quality_table1.json"
+PAPER_NAMES = {"dit": "DiT", "dit_aug": "DiT-Aug", "symdiff_haar": "SymDiff-H", "symdiff": "SymDiff", "egnn": "EDM"}
+
+
+def _quality_checks(doc: str) -> list[Check]:
+    """docs/benchmarks.md: the ablation over kinds and seeds (bench_quality.py) and the paper's Table 1 beside it."""
+    wall = lambda v: lambda d: statistics.median(r["train_wall_s"] for r in d["runs"] if r["kind"] == v)  # noqa: E731
+    out = [_summary_row(doc, f"`{v}`", QUALITY, v, extra=((wall(v), "{:.0f}"),)) for v in PAPER_NAMES]
+    for name in PAPER_NAMES.values():
+        out.append(Check(doc, f"| {name} (paper) |", PAPER_QUALITY, tuple(
+            (lambda d, n=name, m=m, st=st: d["qm9_table1"][n][m][st], "{:.2f}")
+            for m in ("nll", "atom_stability_pct", "mol_stability_pct", "validity_pct", "uniqueness_pct")
+            for st in ("mean", "std"))))
+    atom = lambda pick: lambda d: pick(pct(d["summary"][v]["atom_stability"]["mean"])  # noqa: E731
+                                       for v in ("dit", "dit_aug", "symdiff_haar", "symdiff"))
+    out.append(Check(doc, "Their atom stabilities (", QUALITY, ((atom(min), "({:.1f}"), (atom(max), "{:.1f}%)"))))
+    nll_std = lambda pick: lambda d: pick(d["summary"][v]["nll"]["std"] for v in ("dit", "dit_aug", "symdiff"))  # noqa: E731
+    out.append(Check(doc, "has a seed std of", QUALITY, ((nll_std(min), "{:.0f}"), (nll_std(max), "{:.0f} nats"))))
+    out.append(Check(doc, "reconstruction terms at low noise). `symdiff_haar`", QUALITY, (
+        (lambda d: d["summary"]["symdiff_haar"]["nll"]["mean"], "({:.2f})"),)))
+    return out
 
 
 def _quotient_train_checks(doc: str) -> list[Check]:
@@ -682,6 +704,7 @@ CHECKS: list[Check] = [
     *_pd_checks("docs/model.md"),
     *_quotient_checks("docs/quotient.md"),
     *_quotient_train_checks("docs/quotient.md"),
+    *_quality_checks("docs/benchmarks.md"),
     *_steps_checks("docs/model.md"),
     *_ode_nll_checks("docs/model.md"),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_symdiff_haar_120min.json", (
