@@ -177,6 +177,46 @@ def _quotient_checks(doc: str) -> list[Check]:
     return out
 
 
+QUOTIENT_TRAIN = "quotient_train_qm9_2026-12-01.json"
+QUALITY = "quality_qm9_tiny_2026-12-01.json"
+PAPER_QUALITY = "paper_quality_table1.json"
+PAPER_NAMES = {"dit": "DiT", "dit_aug": "DiT-Aug", "symdiff_haar": "SymDiff-H", "symdiff": "SymDiff", "egnn": "EDM"}
+
+
+def _quality_checks(doc: str) -> list[Check]:
+    """docs/benchmarks.md: the ablation over kinds and seeds (bench_quality.py) and the paper's Table 1 beside it."""
+    wall = lambda v: lambda d: statistics.median(r["train_wall_s"] for r in d["runs"] if r["kind"] == v)  # noqa: E731
+    out = [_summary_row(doc, f"`{v}`", QUALITY, v, extra=((wall(v), "{:.0f}"),)) for v in PAPER_NAMES]
+    for name in PAPER_NAMES.values():
+        out.append(Check(doc, f"| {name} (paper) |", PAPER_QUALITY, tuple(
+            (lambda d, n=name, m=m, st=st: d["qm9_table1"][n][m][st], "{:.2f}")
+            for m in ("nll", "atom_stability_pct", "mol_stability_pct", "validity_pct", "uniqueness_pct")
+            for st in ("mean", "std"))))
+    atom = lambda pick: lambda d: pick(pct(d["summary"][v]["atom_stability"]["mean"])  # noqa: E731
+                                       for v in ("dit", "dit_aug", "symdiff_haar", "symdiff"))
+    out.append(Check(doc, "Their atom stabilities (", QUALITY, ((atom(min), "({:.1f}"), (atom(max), "{:.1f}%)"))))
+    nll_std = lambda pick: lambda d: pick(d["summary"][v]["nll"]["std"] for v in ("dit", "dit_aug", "symdiff"))  # noqa: E731
+    out.append(Check(doc, "has a seed std of", QUALITY, ((nll_std(min), "{:.0f}"), (nll_std(max), "{:.0f} nats"))))
+    out.append(Check(doc, "reconstruction terms at low noise). `symdiff_haar`", QUALITY, (
+        (lambda d: d["summary"]["symdiff_haar"]["nll"]["mean"], "({:.2f})"),)))
+    return out
+
+
+def _quotient_train_checks(doc: str) -> list[Check]:
+    """docs/quotient.md: the same network trained on each target (bench_quality.py, one seed)."""
+    out = [_summary_row(doc, label, QUOTIENT_TRAIN, v, stds=False, extra=(
+        (_run_of(v, "train_wall_s"), "{:.0f}"), (_mean_loss(v, 600), "{:.4f}")))
+        for label, v in (("`standard`", "symdiff"), ("`mcmc_64` (64 steps)", "mcmc_64"),
+                         ("`mcmc_256` (256 steps)", "mcmc_256"), ("`hungarian`", "hungarian"))]
+    drop = lambda v: lambda d: pct(1 - _mean_loss(v, 600)(d) / _mean_loss("symdiff", 600)(d))  # noqa: E731
+    out.append(Check(doc, "by 13% with the 64-step chain", QUOTIENT_TRAIN, (
+        (drop("mcmc_64"), "{:.0f}%"), (drop("mcmc_256"), "{:.0f}%"), (drop("hungarian"), "{:.0f}%"))))
+    val = lambda v: lambda d: pct(d["summary"][v]["validity"]["mean"])  # noqa: E731
+    out.append(Check(doc, "made valid molecules twice as often", QUOTIENT_TRAIN, (
+        (val("hungarian"), "({:.1f}%"), (val("symdiff"), "{:.1f}%;"))))
+    return out
+
+
 def _pd_checks(doc: str) -> list[Check]:
     """The partial-denoising table of docs/model.md: one check per (t0, kind) cell."""
     out = []
@@ -185,6 +225,34 @@ def _pd_checks(doc: str) -> list[Check]:
             out.append(Check(doc, rf"re:^\| {t0} \|", f"partial_denoise_qm9_tiny_{kind}_120min.json", (
                 (_pd(t0, "atom_stability"), "{:.1f}%"), (_pd(t0, "mol_stability"), "{:.1f}%"))))
     return out
+
+
+def _summary_row(doc: str, label: str, json_name: str, variant: str, stds: bool = True,
+                 extra: tuple[tuple[Callable[[Any], float], str], ...] = ()) -> Check:
+    """One row of a bench_quality table: NLL, then the four EDM metrics in %, each its mean over seeds (and the
+    std over seeds with ``stds``), then any ``extra`` figures of the row."""
+    def cell(metric: str, stat: str) -> tuple[Callable[[Any], float], str]:
+        scale = 1.0 if metric == "nll" else 100.0
+        return (lambda d: scale * d["summary"][variant][metric][stat], "{:.2f}" if metric == "nll" else "{:.1f}")
+    return Check(doc, f"| {label} |", json_name, tuple(
+        cell(m, stat) for m in ("nll", "atom_stability", "mol_stability", "validity", "uniqueness")
+        for stat in (("mean", "std") if stds else ("mean",))) + extra)
+
+
+def _run_of(variant: str, key: str, seed: int = 0) -> Callable[[Any], float]:
+    return lambda d: next(r for r in d["runs"] if r["kind"] == variant and r["seed"] == seed)[key]
+
+
+def _mean_loss(variant: str, after: int, seed: int = 0) -> Callable[[Any], float]:
+    """The mean logged training loss after step ``after`` of one run."""
+    return lambda d: statistics.fmean(loss for step, loss in _run_of(variant, "loss_curve", seed)(d) if step > after)
+
+
+def _recipe_row(doc: str, json_name: str, variant: str, t0s: tuple[int, ...]) -> Check:
+    """One row of bench_recipe.py's screen: the partial-denoise atom / molecule stability means from each t0."""
+    return Check(doc, f"| {variant} |", json_name, tuple(
+        (lambda d, k=f"{m}_t{t0}": pct(d["summary"][variant][k]["mean"]), "{:.1f}")
+        for t0 in t0s for m in ("atom_stability", "mol_stability")))
 
 
 STEPS = "steps_qm9_tiny.json"
@@ -635,6 +703,8 @@ CHECKS: list[Check] = [
     *_lc_checks("docs/model.md"),
     *_pd_checks("docs/model.md"),
     *_quotient_checks("docs/quotient.md"),
+    *_quotient_train_checks("docs/quotient.md"),
+    *_quality_checks("docs/benchmarks.md"),
     *_steps_checks("docs/model.md"),
     *_ode_nll_checks("docs/model.md"),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_symdiff_haar_120min.json", (
@@ -775,7 +845,7 @@ def run_check(check: Check, root: Path) -> list[str]:
 
 # How result files are named (a bare name in a document is taken for one when it looks like this).
 RESULT_NAME = (r"^(eval|data|kernels|linear|model|learning|partial|rescore|train|side|quotient|steps|scale|build"
-               r"|memorise)_[\w.\-]+\.json$")
+               r"|memorise|quality|recipe|paper)_[\w.\-]+\.json$")
 
 
 def named_results(root: Path) -> list[str]:
