@@ -122,13 +122,19 @@ def plot(runs: list[dict], path: Path) -> None:
 PROTOCOL = ("steps", "overrides", "nll_molecules", "samples", "sample_steps", "data")
 
 
-def merge(files: list[Path], stem: str, save) -> int:
-    """One table from benchmark runs split over processes (e.g. one per core), refused when their protocols differ."""
+def merge(files: list[Path], stem: str, save, results: Path = REPO / "benchmarks" / "results") -> int:
+    """One table from benchmark runs split over processes (e.g. one per core), refused when their protocols differ
+    or when two files hold the same (variant, seed): pooling must not count a run twice."""
     parts = [json.loads(f.read_text()) for f in files]
-    for f, part in zip(files[1:], parts[1:]):
+    seen: dict[tuple[str, int], Path] = {}
+    for f, part in zip(files, parts):
         differ = [k for k in PROTOCOL if part.get(k) != parts[0].get(k)]
         if differ:
             raise SystemExit(f"{f}: protocol differs from {files[0]} in {', '.join(differ)}")
+        for r in part["runs"]:
+            if (r["kind"], r["seed"]) in seen:
+                raise SystemExit(f"{f}: {r['kind']} seed {r['seed']} is also in {seen[r['kind'], r['seed']]}")
+            seen[r["kind"], r["seed"]] = f
     res = {**{k: parts[0][k] for k in ("benchmark", *PROTOCOL)}, "merged_from": [f.name for f in files],
            "parts": [{"file": f.name, "commit": p["commit"], "machine": p["machine"],
                       "load_average_end": p.get("load_average_end")} for f, p in zip(files, parts)],
@@ -136,7 +142,7 @@ def merge(files: list[Path], stem: str, save) -> int:
            "runs": [r for p in parts for r in p["runs"]]}
     res["seeds"] = sorted({r["seed"] for r in res["runs"]})
     res["summary"] = summarise(res["runs"])
-    png = REPO / "benchmarks" / "results" / f"{stem}.png"
+    png = results / f"{stem}.png"
     plot(res["runs"], png)
     method = (f"Pooled from {', '.join(res['merged_from'])} (runs split over processes); each: `symdiff train` for "
               f"{res['steps']} steps (overrides {' '.join(res['overrides']) or 'none'}), `symdiff sample` "
