@@ -195,7 +195,8 @@ def _quality_checks(doc: str) -> list[Check]:
     atom = lambda pick: lambda d: pick(pct(d["summary"][v]["atom_stability"]["mean"])  # noqa: E731
                                        for v in ("dit", "dit_aug", "symdiff_haar", "symdiff"))
     out.append(Check(doc, "Their atom stabilities (", QUALITY, ((atom(min), "({:.1f}"), (atom(max), "{:.1f}%)"))))
-    nll_std = lambda pick: lambda d: pick(d["summary"][v]["nll"]["std"] for v in ("dit", "dit_aug", "symdiff"))  # noqa: E731
+    def nll_std(pick: Callable) -> Callable[[Any], float]:
+        return lambda d: pick(d["summary"][v]["nll"]["std"] for v in ("dit", "dit_aug", "symdiff"))
     out.append(Check(doc, "has a seed std of", QUALITY, ((nll_std(min), "{:.0f}"), (nll_std(max), "{:.0f} nats"))))
     out.append(Check(doc, "reconstruction terms at low noise). `symdiff_haar`", QUALITY, (
         (lambda d: d["summary"]["symdiff_haar"]["nll"]["mean"], "({:.2f})"),)))
@@ -248,9 +249,11 @@ def _mean_loss(variant: str, after: int, seed: int = 0) -> Callable[[Any], float
     return lambda d: statistics.fmean(loss for step, loss in _run_of(variant, "loss_curve", seed)(d) if step > after)
 
 
-def _recipe_row(doc: str, json_name: str, variant: str, t0s: tuple[int, ...]) -> Check:
-    """One row of bench_recipe.py's screen: the partial-denoise atom / molecule stability means from each t0."""
-    return Check(doc, f"| {variant} |", json_name, tuple(
+def _recipe_row(doc: str, label: str, json_name: str, variant: str, t0s: tuple[int, ...] = (50, 100)) -> Check:
+    """One row of bench_recipe.py's screen: the training loss, then the partial-denoise atom / molecule stability
+    (means over the file's seeds) from each t0."""
+    loss = (lambda d: d["summary"][variant]["loss_last_fifth"], "{:.4f}")
+    return Check(doc, f"| {label} |", json_name, (loss,) + tuple(
         (lambda d, k=f"{m}_t{t0}": pct(d["summary"][variant][k]["mean"]), "{:.1f}")
         for t0 in t0s for m in ("atom_stability", "mol_stability")))
 
