@@ -43,6 +43,7 @@ VARIANTS = {
     # beyond one option at a time: twice the paper's learning rate (with a warm-up to survive the first steps), and
     # the two options that screened slightly ahead, together
     "lr_2x": ["train.lr=1e-3", "train.warmup_steps=100"],
+    "lr_4x": ["train.lr=2e-3", "train.warmup_steps=100"],
     "snr_clamped_low_noise": ["diffusion.loss_weight=snr_clamped", "diffusion.t_sampling=low_noise"],
 }
 

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (data, run, samples, report)")
-    p.add_argument("--config", default=str(REPO / "configs" / "qm9_tiny.yaml"))
+    # the small-budget recipe (qm9_tiny at 4x its learning rate, warmed up), screened ahead at this budget
+    p.add_argument("--config", default=str(REPO / "configs" / "qm9_fast_cpu.yaml"))
     p.add_argument("--steps", type=int, default=1500, help="training steps (optimiser steps)")
     p.add_argument("--n-samples", type=int, default=100)
     p.add_argument("--sample-steps", type=int, default=500, help="reverse diffusion steps for the demo samples")

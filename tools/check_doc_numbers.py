@@ -178,6 +178,26 @@ def _quotient_checks(doc: str) -> list[Check]:
 
 
 QUOTIENT_TRAIN = "quotient_train_qm9_2026-12-01.json"
+# docs/training.md's screen (bench_recipe.py): (row label, file, variant, seed)
+RECIPE_ROWS = (
+    ("`baseline`, seed 0", "recipe_screen_qm9_tiny_2026-12-01.json", "baseline", 0),
+    ("`baseline`, seed 1", "recipe_screen_qm9_tiny_seed1_2026-12-01.json", "baseline", 1),
+    ("`baseline`, seed 2", "recipe_screen_qm9_tiny_lr4_2026-12-02.json", "baseline", 2),
+    ("`lr_2x`, seed 0", "recipe_screen_qm9_tiny_extra_2026-12-01.json", "lr_2x", 0),
+    ("`lr_2x`, seed 1", "recipe_screen_qm9_tiny_lr_2026-12-02.json", "lr_2x", 1),
+    ("`lr_2x`, seed 2", "recipe_screen_qm9_tiny_lr_2026-12-02.json", "lr_2x", 2),
+    ("`lr_4x`, seed 0", "recipe_screen_qm9_tiny_lr4_seed0_2026-12-02.json", "lr_4x", 0),
+    ("`lr_4x`, seed 1", "recipe_screen_qm9_tiny_lr4_seed1_2026-12-02.json", "lr_4x", 1),
+    ("`lr_4x`, seed 2", "recipe_screen_qm9_tiny_lr4_2026-12-02.json", "lr_4x", 2),
+    ("`snr_clamped`, seed 0", "recipe_screen_qm9_tiny_2026-12-01.json", "snr_clamped", 0),
+    ("`snr_clamped`, seed 1", "recipe_screen_qm9_tiny_seed1_2026-12-01.json", "snr_clamped", 1),
+    ("`low_noise`, seed 0", "recipe_screen_qm9_tiny_2026-12-01.json", "low_noise", 0),
+    ("`low_noise`, seed 1", "recipe_screen_qm9_tiny_seed1_2026-12-01.json", "low_noise", 1),
+    ("`t_int`, seed 0", "recipe_screen_qm9_tiny_2026-12-01.json", "t_int", 0),
+    ("`adamw`, seed 0", "recipe_screen_qm9_tiny_2026-12-01.json", "adamw", 0),
+    ("`cosine`, seed 0", "recipe_screen_qm9_tiny_2026-12-01.json", "cosine", 0),
+    ("`snr_clamped_low_noise`, seed 0", "recipe_screen_qm9_tiny_extra_2026-12-01.json", "snr_clamped_low_noise", 0),
+)
 QUALITY = "quality_qm9_tiny_2026-12-01.json"
 PAPER_QUALITY = "paper_quality_table1.json"
 PAPER_NAMES = {"dit": "DiT", "dit_aug": "DiT-Aug", "symdiff_haar": "SymDiff-H", "symdiff": "SymDiff", "egnn": "EDM"}
@@ -195,7 +215,8 @@ def _quality_checks(doc: str) -> list[Check]:
     atom = lambda pick: lambda d: pick(pct(d["summary"][v]["atom_stability"]["mean"])  # noqa: E731
                                        for v in ("dit", "dit_aug", "symdiff_haar", "symdiff"))
     out.append(Check(doc, "Their atom stabilities (", QUALITY, ((atom(min), "({:.1f}"), (atom(max), "{:.1f}%)"))))
-    nll_std = lambda pick: lambda d: pick(d["summary"][v]["nll"]["std"] for v in ("dit", "dit_aug", "symdiff"))  # noqa: E731
+    def nll_std(pick: Callable) -> Callable[[Any], float]:
+        return lambda d: pick(d["summary"][v]["nll"]["std"] for v in ("dit", "dit_aug", "symdiff"))
     out.append(Check(doc, "has a seed std of", QUALITY, ((nll_std(min), "{:.0f}"), (nll_std(max), "{:.0f} nats"))))
     out.append(Check(doc, "reconstruction terms at low noise). `symdiff_haar`", QUALITY, (
         (lambda d: d["summary"]["symdiff_haar"]["nll"]["mean"], "({:.2f})"),)))
@@ -248,11 +269,14 @@ def _mean_loss(variant: str, after: int, seed: int = 0) -> Callable[[Any], float
     return lambda d: statistics.fmean(loss for step, loss in _run_of(variant, "loss_curve", seed)(d) if step > after)
 
 
-def _recipe_row(doc: str, json_name: str, variant: str, t0s: tuple[int, ...]) -> Check:
-    """One row of bench_recipe.py's screen: the partial-denoise atom / molecule stability means from each t0."""
-    return Check(doc, f"| {variant} |", json_name, tuple(
-        (lambda d, k=f"{m}_t{t0}": pct(d["summary"][variant][k]["mean"]), "{:.1f}")
-        for t0 in t0s for m in ("atom_stability", "mol_stability")))
+def _recipe_row(doc: str, label: str, json_name: str, variant: str, seed: int, t0s: tuple[int, ...] = (50, 100)
+                ) -> Check:
+    """One row of bench_recipe.py's screen, one run: its training loss, then the partial-denoise atom / molecule
+    stability from each t0."""
+    run = lambda d: next(r for r in d["runs"] if r["variant"] == variant and r["seed"] == seed)  # noqa: E731
+    pd = lambda d, t0, m: pct(next(p for p in run(d)["partial_denoise"] if p["t0"] == t0)[m])  # noqa: E731
+    return Check(doc, f"| {label} |", json_name, ((lambda d: run(d)["loss_last_fifth"], "{:.4f}"),) + tuple(
+        (lambda d, t0=t0, m=m: pd(d, t0, m), "{:.1f}") for t0 in t0s for m in ("atom_stability", "mol_stability")))
 
 
 STEPS = "steps_qm9_tiny.json"
@@ -705,6 +729,7 @@ CHECKS: list[Check] = [
     *_quotient_checks("docs/quotient.md"),
     *_quotient_train_checks("docs/quotient.md"),
     *_quality_checks("docs/benchmarks.md"),
+    *[_recipe_row("docs/training.md", *row) for row in RECIPE_ROWS],
     *_steps_checks("docs/model.md"),
     *_ode_nll_checks("docs/model.md"),
     Check("docs/model.md", "At t0 = 0 the data's own values", "partial_denoise_qm9_tiny_symdiff_haar_120min.json", (
