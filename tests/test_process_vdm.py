@@ -6,6 +6,9 @@ denoiser call, one reverse step, the decoder and 5- and 50-step samples at fixed
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +23,27 @@ from scripts import load_script
 DATA = Path(__file__).parent / "data"
 REF = torch.load(DATA / "vdm_reference.pt", weights_only=True)
 CASES = [k for k in REF if k != "batch"]
+# The reference was written on an AVX2 machine. On one with AVX-512, ATen, MKL and oneDNN pick wider kernels whose
+# float32 sums round differently (by 1-2 ulp), so there the comparison runs in a child process pinned to the AVX2
+# kernels: the check stays bitwise on every machine instead of loosening to a tolerance.
+AVX2_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def _bitwise_here() -> bool:
+    """This process runs the reference's kernels: pinned to AVX2, or on a machine whose best is AVX2."""
+    pinned = all(os.environ.get(k) == v for k, v in AVX2_PINS.items())
+    return pinned or ("ATEN_CPU_CAPABILITY" not in os.environ and torch.backends.cpu.get_cpu_capability() == "AVX2")
+
+
+def _in_avx2_child(request) -> bool:
+    """Run this test again in a child pinned to AVX2 kernels unless this process already is; True if it did."""
+    if _bitwise_here():
+        return False
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", request.node.nodeid],
+                         cwd=Path(__file__).parents[1], env={**os.environ, **AVX2_PINS}, capture_output=True,
+                         text=True)
+    assert res.returncode == 0, f"pinned to AVX2 kernels:\n{(res.stdout + res.stderr)[-3000:]}"
+    return True
 
 
 def _maker():
@@ -44,7 +68,9 @@ def _model(case: str) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_vdm_outputs_are_bitwise_those_before_the_split(case):
+def test_vdm_outputs_are_bitwise_those_before_the_split(case, request):
+    if _in_avx2_child(request):
+        return
     ref = REF[case]["out"]
     got = _maker().outputs(_model(case), _batch())
     assert set(got) == set(ref)
@@ -52,8 +78,10 @@ def test_vdm_outputs_are_bitwise_those_before_the_split(case):
     assert not bad, f"{case}: differs in {bad}"
 
 
-def test_exported_checkpoint_from_before_the_split_loads_and_samples_the_same(tmp_path):
+def test_exported_checkpoint_from_before_the_split_loads_and_samples_the_same(tmp_path, request):
     """The exported-file route (tools/convert_checkpoint.py's format) of `symdiff sample --ckpt`."""
+    if _in_avx2_child(request):
+        return
     from symdiff.train.checkpoint import load_for_inference
 
     entry = REF["symdiff_fp32"]
