@@ -56,15 +56,22 @@ def symdiff(*args: str) -> str:
     return res.stdout + res.stderr
 
 
-def run_one(kind: str, seed: int, args, work: Path) -> dict:
-    config, overrides = config_of(kind)
-    run = work / f"{kind}_seed{seed}"
+def train_run(config: Path, overrides: list[str], run: Path, seed: int, args, log_every: int) -> float:
+    """`symdiff train` of one variant for ``args.steps`` from scratch, one checkpoint at the end; its wall seconds.
+    ``args`` brings ``steps``, ``data_root`` and ``set`` (the overrides common to every run); bench_recipe uses it
+    too."""
     data = [f"data.root={args.data_root}"] if args.data_root else []
     t0 = time.perf_counter()
     symdiff("train", "--config", str(config), "--run-dir", str(run), "--resume", "never", *overrides, *data, *args.set,
             f"train.seed={seed}", f"train.max_steps={args.steps}", f"train.ckpt_every={args.steps}",
-            "train.log_every=10", "train.eval_every=0")
-    train_wall_s = time.perf_counter() - t0
+            f"train.log_every={log_every}", "train.eval_every=0")
+    return time.perf_counter() - t0
+
+
+def run_one(kind: str, seed: int, args, work: Path) -> dict:
+    config, overrides = config_of(kind)
+    run = work / f"{kind}_seed{seed}"
+    train_wall_s = train_run(config, overrides, run, seed, args, log_every=10)
     sdf, scores, nll = run / "samples.sdf", run / "metrics_edm.json", run / "nll.json"
     symdiff("sample", "--run", str(run), "--n", str(args.samples), "--steps", str(args.sample_steps), "--seed",
             str(seed), "--out", str(sdf), "--no-progress")

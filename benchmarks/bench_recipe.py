@@ -24,12 +24,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_quality import symdiff  # noqa: E402  the same subprocess runner as the ablation
+from bench_quality import train_run  # noqa: E402  the same training command as the ablation
 
 # One option per variant, each the alternative named in docs/training.md's recipe table.
 VARIANTS = {
@@ -50,12 +49,7 @@ VARIANTS = {
 
 def run_one(variant: str, seed: int, args, work: Path) -> dict:
     run = work / f"{variant}_seed{seed}"
-    data = [f"data.root={args.data_root}"] if args.data_root else []
-    t0 = time.perf_counter()
-    symdiff("train", "--config", str(REPO / "configs" / "qm9_tiny.yaml"), "--run-dir", str(run), "--resume",
-            "never", *VARIANTS[variant], *data, *args.set, f"train.seed={seed}", f"train.max_steps={args.steps}",
-            f"train.ckpt_every={args.steps}", "train.log_every=20", "train.eval_every=0")
-    wall = time.perf_counter() - t0
+    wall = train_run(REPO / "configs" / "qm9_tiny.yaml", VARIANTS[variant], run, seed, args, log_every=20)
     out = run / "partial_denoise.json"
     res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "diag_partial_denoise.py"), str(run), "--t0",
                           *map(str, args.t0), "--n", str(args.n), "--seed", str(seed), "--out", str(out)],
